@@ -1,0 +1,213 @@
+"""Language-modelling data: the embedded corpus, local text files or a hub dataset, packed into blocks.
+
+Every source becomes a ``datasets.DatasetDict`` of documents (column ``text``) with ``train`` and ``validation``
+splits; documents are tokenised, joined with the end-of-sequence token and cut into blocks of ``block_size``
+tokens. The tokenised blocks are cached on disk, keyed by the source, the tokenizer and the block size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from sentinel_lightning.pretrained import load_tokenizer
+
+EMBEDDED_CORPUS = "python_reference"
+
+
+def python_reference_corpus(val_fraction: float = 0.1) -> datasets.DatasetDict:
+    """The Python Language Reference shipped with CPython (``pydoc_data.topics``), split by topic.
+
+    A topic goes to validation when a stable hash of its name falls below ``val_fraction``, so the split is
+    deterministic and the same on every machine and process.
+    """
+    from pydoc_data.topics import topics
+
+    def in_validation(name: str) -> bool:
+        digest = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+        return digest / 0xFFFFFFFF < val_fraction
+
+    splits = {"train": {"title": [], "text": []}, "validation": {"title": [], "text": []}}
+    for name in sorted(topics):
+        split = splits["validation" if in_validation(name) else "train"]
+        split["title"].append(name)
+        split["text"].append(topics[name])
+    return datasets.DatasetDict({key: datasets.Dataset.from_dict(value) for key, value in splits.items()})
+
+
+def pack_into_blocks(token_lists: Sequence[Sequence[int]], block_size: int, separator: int | None) -> list[list[int]]:
+    """Joins token lists (with ``separator`` after each) and cuts them into full blocks; the remainder is dropped."""
+    stream: list[int] = []
+    for tokens in token_lists:
+        stream.extend(tokens)
+        if separator is not None:
+            stream.append(separator)
+    return [stream[start : start + block_size] for start in range(0, len(stream) - block_size + 1, block_size)]
+
+
+class LanguageModelingDataModule(L.LightningDataModule):
+    """Blocks of ``block_size`` tokens for causal-LM fine-tuning.
+
+    Args:
+        tokenizer: Model name or local path of the tokenizer, a tokenizer object, or None for the embedded
+            default model's tokenizer.
+        gguf_file: GGUF file inside ``tokenizer``'s folder, if the tokenizer comes from one.
+        source: ``"python_reference"`` (the embedded corpus), ``"text"`` (``train_files``/``val_files``) or
+            ``"hub"`` (``dataset_name``/``dataset_config``).
+        train_files: Local text files for training (``source="text"``).
+        val_files: Local text files for validation; when empty, ``val_fraction`` of the training paragraphs.
+        dataset_name: Hub dataset name (``source="hub"``).
+        dataset_config: Hub dataset configuration.
+        text_column: Column holding the text in a hub dataset.
+        val_fraction: Share of the documents held out when the source has no validation split.
+        block_size: Tokens per training sequence.
+        batch_size: Sequences per batch.
+        num_workers: DataLoader workers.
+        cache_dir: Where tokenised blocks are cached; None disables the cache.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        gguf_file: str | None = None,
+        source: str = EMBEDDED_CORPUS,
+        train_files: list[str] | None = None,
+        val_files: list[str] | None = None,
+        dataset_name: str | None = None,
+        dataset_config: str | None = None,
+        text_column: str = "text",
+        val_fraction: float = 0.1,
+        block_size: int = 256,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        cache_dir: str | None = str(os.path.join(datasets.config.HF_DATASETS_CACHE, "sentinel_lightning")),
+    ) -> None:
+        super().__init__()
+        sources = (EMBEDDED_CORPUS, "text", "hub")
+        if source not in sources:
+            raise ValueError(f"source={source!r} is not one of {sources}.")
+        if source == "text" and not train_files:
+            raise ValueError("source='text' needs train_files, a list of local text files; got none.")
+        if source == "hub" and not dataset_name:
+            raise ValueError("source='hub' needs dataset_name, the name of a dataset on the Hugging Face hub.")
+        for name, files in (("train_files", train_files), ("val_files", val_files)):
+            missing = [path for path in files or [] if not os.path.isfile(path)]
+            if missing:
+                raise FileNotFoundError(f"{name} lists files that do not exist: {missing}.")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction={val_fraction} must lie strictly between 0 and 1.")
+        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"{name}={value} must be a positive integer.")
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer_source = tokenizer
+        self._tokenizer: PreTrainedTokenizerBase | None = (
+            None if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+        )
+        self.blocks: dict[str, datasets.Dataset] = {}
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_source, self.hparams.gguf_file)
+        return self._tokenizer
+
+    def documents(self) -> datasets.DatasetDict:
+        """The source's documents, column ``text``, splits ``train`` and ``validation``."""
+        hp = self.hparams
+        if hp.source == EMBEDDED_CORPUS:
+            return python_reference_corpus(hp.val_fraction)
+        if hp.source == "text":
+            files = {"train": list(hp.train_files)}
+            if hp.val_files:
+                files["validation"] = list(hp.val_files)
+            loaded = datasets.load_dataset("text", data_files=files, sample_by="paragraph")
+        else:
+            loaded = datasets.load_dataset(hp.dataset_name, hp.dataset_config)
+            if hp.text_column not in loaded["train"].column_names:
+                raise ValueError(
+                    f"text_column={hp.text_column!r} is not a column of {hp.dataset_name!r}; its columns are "
+                    f"{loaded['train'].column_names}."
+                )
+            loaded = loaded.rename_column(hp.text_column, "text") if hp.text_column != "text" else loaded
+        if "validation" not in loaded:
+            held_out = loaded["train"].train_test_split(test_size=hp.val_fraction, shuffle=True, seed=0)
+            loaded = datasets.DatasetDict({"train": held_out["train"], "validation": held_out["test"]})
+        return datasets.DatasetDict({split: loaded[split].select_columns(["text"]) for split in ("train", "validation")})
+
+    def _cache_path(self, documents: datasets.DatasetDict) -> str | None:
+        if self.hparams.cache_dir is None:
+            return None
+        key = {
+            "documents": {split: documents[split]._fingerprint for split in documents},
+            "tokenizer": self.tokenizer.name_or_path,
+            "vocab": len(self.tokenizer),
+            "block_size": self.hparams.block_size,
+            "version": 1,
+        }
+        if self.hparams.source == EMBEDDED_CORPUS:  # in-memory datasets: hash the text itself
+            key["documents"] = hashlib.sha256("\x00".join(documents["train"]["text"] + documents["validation"]["text"]).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return os.path.join(self.hparams.cache_dir, digest)
+
+    def _tokenize_and_pack(self) -> datasets.DatasetDict:
+        documents = self.documents()
+        cache_path = self._cache_path(documents)
+        if cache_path is not None and os.path.isdir(cache_path):
+            return datasets.load_from_disk(cache_path)
+        tokenizer, block_size = self.tokenizer, self.hparams.block_size
+        packed = {}
+        for split in ("train", "validation"):
+            texts = [text for text in documents[split]["text"] if text and text.strip()]
+            token_lists = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+            num_tokens = sum(len(tokens) for tokens in token_lists)
+            if num_tokens < block_size:
+                raise ValueError(
+                    f"The {split} split of source={self.hparams.source!r} has {num_tokens} tokens, fewer than one "
+                    f"block of block_size={block_size}: give it more text or lower block_size."
+                )
+            blocks = pack_into_blocks(token_lists, block_size, tokenizer.eos_token_id)
+            packed[split] = datasets.Dataset.from_dict({"input_ids": blocks})
+        packed = datasets.DatasetDict(packed)
+        if cache_path is not None:
+            packed.save_to_disk(cache_path)
+        return packed
+
+    def prepare_data(self) -> None:
+        """Tokenises once (on the first process of each node) so that ``setup`` finds the cache."""
+        self._tokenize_and_pack()
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.blocks:
+            packed = self._tokenize_and_pack()
+            self.blocks = {split: packed[split].with_format("torch") for split in packed}
+
+    @staticmethod
+    def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Stacks blocks into ``input_ids``, ``attention_mask`` and ``labels``, each ``[batch, block_size]``."""
+        input_ids = torch.stack([example["input_ids"] for example in examples])
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self.blocks[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=self.collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)

@@ -1,0 +1,227 @@
+"""Per-head gates for Hugging Face causal language models.
+
+Every attention head gets a gate that scales its output right before the attention output projection:
+the projection's input ``[batch, seq, num_heads * head_dim]`` is viewed as ``[batch, seq, num_heads, head_dim]``
+and head ``h`` of layer ``l`` is multiplied by ``values[l, h] * active[l, h]``. With every gate at 1.0 the model
+computes exactly what the plain model computes, whatever attention implementation (eager, SDPA, flash) it runs.
+
+The adapters in this module are the only place that knows model families; everything else speaks
+``[num_layers, num_heads]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+GATES_ATTRIBUTE = "head_gates"
+
+
+@dataclass(frozen=True)
+class AttentionAdapter:
+    """Where one model family keeps its attention heads.
+
+    Attributes:
+        family: Name of the family, used by compaction to choose its weight surgery.
+        layers: Dotted path from the causal LM to the list of decoder layers.
+        attention: Attribute of a decoder layer that holds the attention module.
+        output_projection: Attribute of the attention module that holds the output projection.
+    """
+
+    family: str
+    layers: str
+    attention: str
+    output_projection: str
+
+
+_LLAMA_LIKE = dict(layers="model.layers", attention="self_attn", output_projection="o_proj")
+
+ADAPTERS: dict[str, AttentionAdapter] = {
+    "gpt2": AttentionAdapter("gpt2", layers="transformer.h", attention="attn", output_projection="c_proj"),
+    "llama": AttentionAdapter("llama", **_LLAMA_LIKE),
+    "mistral": AttentionAdapter("mistral", **_LLAMA_LIKE),
+    "qwen2": AttentionAdapter("qwen2", **_LLAMA_LIKE),
+    "opt": AttentionAdapter("opt", layers="model.decoder.layers", attention="self_attn", output_projection="out_proj"),
+    "gpt_neox": AttentionAdapter("gpt_neox", layers="gpt_neox.layers", attention="attention", output_projection="dense"),
+}
+
+
+def adapter_for(model: nn.Module) -> AttentionAdapter:
+    """Returns the adapter of a Hugging Face causal LM, or raises a clear error for an unsupported one."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"Unsupported model {type(model).__name__} (model_type={model_type!r}): sentinel-lightning gates the "
+            f"attention heads of these families: {', '.join(sorted(ADAPTERS))}."
+        )
+    return ADAPTERS[model_type]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Returns the decoder layers of a supported causal LM, in order."""
+    module = model
+    for name in adapter_for(model).layers.split("."):
+        module = getattr(module, name)
+    return list(module)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Returns the self-attention module of every decoder layer, in order."""
+    attribute = adapter_for(model).attention
+    return [getattr(layer, attribute) for layer in decoder_layers(model)]
+
+
+def output_projections(model: nn.Module) -> list[nn.Module]:
+    """Returns the attention output projection of every decoder layer, in order."""
+    attribute = adapter_for(model).output_projection
+    return [getattr(attention, attribute) for attention in attention_modules(model)]
+
+
+def head_shape(model: nn.Module) -> tuple[int, int, int]:
+    """Returns ``(num_layers, num_heads, head_dim)`` of a supported causal LM."""
+    config = model.config
+    num_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return len(decoder_layers(model)), num_heads, head_dim
+
+
+class HeadGates(nn.Module):
+    """One gate per attention head.
+
+    Attributes:
+        values: Learnable gate values, ``[num_layers, num_heads]``, initialised to 1.0.
+        active: Bool mask ``[num_layers, num_heads]``; False marks a pruned head.
+        values_before_pruning: The value each head's gate had when it was last pruned,
+            ``[num_layers, num_heads]``, so that reactivation restores it whatever the optimizer did meanwhile.
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        if min(num_layers, num_heads, head_dim) < 1:
+            raise ValueError(
+                f"HeadGates needs positive sizes, got num_layers={num_layers}, num_heads={num_heads}, "
+                f"head_dim={head_dim}."
+            )
+        self.head_dim = head_dim
+        self.values = nn.Parameter(torch.ones(num_layers, num_heads))
+        self.register_buffer("active", torch.ones(num_layers, num_heads, dtype=torch.bool))
+        self.register_buffer("values_before_pruning", torch.ones(num_layers, num_heads))
+        # The gradient of a pruned head's gate is exactly zero: values * active has no gradient where active is False.
+
+    @property
+    def num_layers(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def num_active(self) -> int:
+        return int(self.active.sum())
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of heads pruned."""
+        return 1.0 - self.num_active / self.active.numel()
+
+    def effective(self) -> torch.Tensor:
+        """The gates the model applies, ``[num_layers, num_heads]``: ``values * active`` (exactly 0 when pruned)."""
+        return self.values * self.active
+
+    def pruned_heads(self) -> list[tuple[int, int]]:
+        """The pruned heads as ``(layer, head)`` pairs, in layer-major order."""
+        return [tuple(pair) for pair in (~self.active).nonzero().tolist()]
+
+    def _check_heads(self, heads: Iterable[tuple[int, int]], argument: str) -> list[tuple[int, int]]:
+        heads = [(int(layer), int(head)) for layer, head in heads]
+        for layer, head in heads:
+            if not (0 <= layer < self.num_layers and 0 <= head < self.num_heads):
+                raise ValueError(
+                    f"{argument} contains ({layer}, {head}), outside the gates' [num_layers={self.num_layers}, "
+                    f"num_heads={self.num_heads}] grid."
+                )
+        return heads
+
+    @torch.no_grad()
+    def prune(self, heads: Iterable[tuple[int, int]]) -> None:
+        """Sets the gates of ``heads`` (``(layer, head)`` pairs) to exactly 0, remembering their values."""
+        for layer, head in self._check_heads(heads, "heads"):
+            if self.active[layer, head]:
+                self.values_before_pruning[layer, head] = self.values[layer, head]
+                self.active[layer, head] = False
+
+    @torch.no_grad()
+    def reactivate(self, heads: Iterable[tuple[int, int]]) -> None:
+        """Gives ``heads`` back the gate value they had before they were pruned."""
+        for layer, head in self._check_heads(heads, "heads"):
+            if not self.active[layer, head]:
+                self.values[layer, head] = self.values_before_pruning[layer, head]
+                self.active[layer, head] = True
+
+    def extra_repr(self) -> str:
+        return f"num_layers={self.num_layers}, num_heads={self.num_heads}, active={self.num_active}"
+
+
+class _GateHook:
+    """Forward pre-hook of an output projection: scales each head's slice of its input by the layer's gates.
+
+    A callable object rather than a closure so that ``copy.deepcopy`` and pickling keep it pointing at the
+    copied model's gates.
+    """
+
+    def __init__(self, gates: HeadGates, layer: int) -> None:
+        self.gates = gates
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        hidden, *rest = args  # [batch, seq, num_heads * head_dim]
+        gate = self.gates.values[self.layer] * self.gates.active[self.layer]  # [num_heads]
+        heads = hidden.unflatten(-1, (self.gates.num_heads, self.gates.head_dim))  # [batch, seq, H, D]
+        hidden = (heads * gate.to(hidden.dtype).unsqueeze(-1)).flatten(-2)
+        return (hidden, *rest)
+
+
+def find_gates(module: nn.Module) -> HeadGates | None:
+    """Returns the ``HeadGates`` inside ``module`` (a model or a LightningModule holding one), or None."""
+    for submodule in module.modules():
+        if isinstance(submodule, HeadGates):
+            return submodule
+    return None
+
+
+def attach_gates(model: nn.Module) -> HeadGates:
+    """Puts one gate on every attention head of a Hugging Face causal LM.
+
+    The gates become the submodule ``model.head_gates``, so they travel in ``model.state_dict()`` and in
+    Lightning checkpoints. Attaching twice returns the gates already there.
+
+    Args:
+        model: A causal LM of a supported family (see ``ADAPTERS``).
+
+    Returns:
+        The model's ``HeadGates``, values ``[num_layers, num_heads]`` all 1.0.
+    """
+    existing = getattr(model, GATES_ATTRIBUTE, None)
+    if isinstance(existing, HeadGates):
+        return existing
+    num_layers, num_heads, head_dim = head_shape(model)
+    reference = next(model.parameters())
+    gates = HeadGates(num_layers, num_heads, head_dim).to(reference.device)
+    model.add_module(GATES_ATTRIBUTE, gates)
+    for layer, projection in enumerate(output_projections(model)):
+        projection.register_forward_pre_hook(_GateHook(gates, layer))
+    return gates
+
+
+def detach_gates(model: nn.Module) -> None:
+    """Removes the gates and their hooks from ``model`` (does not fold them into the weights)."""
+    for projection in output_projections(model):
+        for key, hook in list(projection._forward_pre_hooks.items()):
+            if isinstance(hook, _GateHook):
+                del projection._forward_pre_hooks[key]
+    if hasattr(model, GATES_ATTRIBUTE):
+        delattr(model, GATES_ATTRIBUTE)

