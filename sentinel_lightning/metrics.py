@@ -6,6 +6,8 @@ same answer on every DDP rank, weighted by every rank's tokens or steps.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
@@ -77,3 +79,47 @@ class PerHeadMean(Metric):
         if self.weight == 0:
             return torch.full_like(self.total, float("nan")).float()
         return (self.total / self.weight).float()
+
+
+def measure_head_metrics(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Measures every head's attention entropy and gradient importance on calibration batches, without a Trainer.
+
+    Args:
+        model: A gated causal LM (see ``attach_gates``).
+        batches: Dicts with ``input_ids`` ``[batch, seq]`` and optionally ``attention_mask`` and ``labels``.
+
+    Returns:
+        ``{"entropy": [num_layers, num_heads], "grad_norm": [num_layers, num_heads]}``: the token-weighted mean
+        attention entropy (nats) and the mean over batches of ``|dL/dgate|`` (Michel et al., 2019).
+    """
+    from sentinel_lightning.gates import find_gates
+
+    gates = find_gates(model)
+    if gates is None:
+        raise ValueError(f"measure_head_metrics needs a gated model; {type(model).__name__} has no HeadGates.")
+    entropy = PerHeadMean(gates.num_layers, gates.num_heads)
+    grad_norm = PerHeadMean(gates.num_layers, gates.num_heads)
+    device = gates.values.device
+    learns = gates.values.requires_grad
+    gates.values.requires_grad_(True)
+    try:
+        _measure(model, gates, batches, entropy, grad_norm, device)
+    finally:
+        gates.values.requires_grad_(learns)
+    return {"entropy": entropy.compute(), "grad_norm": grad_norm.compute()}
+
+
+def _measure(model, gates, batches, entropy: PerHeadMean, grad_norm: PerHeadMean, device) -> None:
+    from sentinel_lightning.attention_entropy import attention_entropy
+
+    for batch in batches:
+        input_ids = batch["input_ids"].to(device)
+        attention_mask = batch.get("attention_mask")
+        attention_mask = None if attention_mask is None else attention_mask.to(device)
+        labels = batch.get("labels", batch["input_ids"]).to(device)
+        entropy.update(*attention_entropy(model, input_ids, attention_mask))
+        with torch.enable_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            nll_sum, tokens = causal_lm_token_losses(logits, labels)
+            (gradient,) = torch.autograd.grad(nll_sum / tokens.clamp_min(1), gates.values)
+        grad_norm.update(gradient.abs())
