@@ -1,7 +1,22 @@
 """sentinel-lightning: prune the attention heads of Hugging Face causal LMs while fine-tuning them with Lightning."""
 
+from sentinel_lightning.callbacks import HeadMetrics, HeadPruning, HeadReactivation
 from sentinel_lightning.data import LanguageModelingDataModule
+from sentinel_lightning.events import HeadEvent
 from sentinel_lightning.gates import HeadGates, attach_gates, find_gates
 from sentinel_lightning.module import GatedLanguageModel
+from sentinel_lightning.strategies import STRATEGIES, select_heads
 
-__all__ = ["GatedLanguageModel", "HeadGates", "LanguageModelingDataModule", "attach_gates", "find_gates"]
+__all__ = [
+    "GatedLanguageModel",
+    "HeadEvent",
+    "HeadGates",
+    "HeadMetrics",
+    "HeadPruning",
+    "HeadReactivation",
+    "LanguageModelingDataModule",
+    "STRATEGIES",
+    "attach_gates",
+    "find_gates",
+    "select_heads",
+]

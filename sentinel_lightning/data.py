@@ -71,7 +71,8 @@ class LanguageModelingDataModule(L.LightningDataModule):
         block_size: Tokens per training sequence.
         batch_size: Sequences per batch.
         num_workers: DataLoader workers.
-        cache_dir: Where tokenised blocks are cached; None disables the cache.
+        cache: Whether to cache the tokenised blocks on disk.
+        cache_dir: Where to cache them; None means ``sentinel_lightning`` in the ``datasets`` cache folder.
     """
 
     def __init__(
@@ -88,7 +89,8 @@ class LanguageModelingDataModule(L.LightningDataModule):
         block_size: int = 256,
         batch_size: int = 4,
         num_workers: int = 0,
-        cache_dir: str | None = str(os.path.join(datasets.config.HF_DATASETS_CACHE, "sentinel_lightning")),
+        cache: bool = True,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         sources = (EMBEDDED_CORPUS, "text", "hub")
@@ -126,10 +128,16 @@ class LanguageModelingDataModule(L.LightningDataModule):
         if hp.source == EMBEDDED_CORPUS:
             return python_reference_corpus(hp.val_fraction)
         if hp.source == "text":
-            files = {"train": list(hp.train_files)}
-            if hp.val_files:
-                files["validation"] = list(hp.val_files)
-            loaded = datasets.load_dataset("text", data_files=files, sample_by="paragraph")
+            requested = {"train": hp.train_files, "validation": hp.val_files or []}
+            files = {split: [path for path in paths if os.path.getsize(path) > 0] for split, paths in requested.items()}
+            loaded = datasets.DatasetDict()
+            if files["train"] or files["validation"]:
+                loaded = datasets.load_dataset(
+                    "text", data_files={split: paths for split, paths in files.items() if paths}, sample_by="paragraph"
+                )
+            for split in ("train", "validation"):  # an empty file is an empty split, reported below
+                if requested[split] and not files[split]:
+                    loaded[split] = datasets.Dataset.from_dict({"text": []})
         else:
             loaded = datasets.load_dataset(hp.dataset_name, hp.dataset_config)
             if hp.text_column not in loaded["train"].column_names:
@@ -144,8 +152,9 @@ class LanguageModelingDataModule(L.LightningDataModule):
         return datasets.DatasetDict({split: loaded[split].select_columns(["text"]) for split in ("train", "validation")})
 
     def _cache_path(self, documents: datasets.DatasetDict) -> str | None:
-        if self.hparams.cache_dir is None:
+        if not self.hparams.cache:
             return None
+        cache_dir = self.hparams.cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "sentinel_lightning")
         key = {
             "documents": {split: documents[split]._fingerprint for split in documents},
             "tokenizer": self.tokenizer.name_or_path,
@@ -154,9 +163,10 @@ class LanguageModelingDataModule(L.LightningDataModule):
             "version": 1,
         }
         if self.hparams.source == EMBEDDED_CORPUS:  # in-memory datasets: hash the text itself
-            key["documents"] = hashlib.sha256("\x00".join(documents["train"]["text"] + documents["validation"]["text"]).encode()).hexdigest()
+            texts = [text for split in ("train", "validation") for text in documents[split]["text"]]
+            key["documents"] = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        return os.path.join(self.hparams.cache_dir, digest)
+        return os.path.join(cache_dir, digest)
 
     def _tokenize_and_pack(self) -> datasets.DatasetDict:
         documents = self.documents()

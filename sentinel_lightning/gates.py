@@ -82,10 +82,11 @@ def output_projections(model: nn.Module) -> list[nn.Module]:
 
 def head_shape(model: nn.Module) -> tuple[int, int, int]:
     """Returns ``(num_layers, num_heads, head_dim)`` of a supported causal LM."""
+    num_layers = len(decoder_layers(model))  # raises the unsupported-model error first
     config = model.config
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    return len(decoder_layers(model)), num_heads, head_dim
+    return num_layers, num_heads, head_dim
 
 
 class HeadGates(nn.Module):
@@ -225,3 +226,30 @@ def detach_gates(model: nn.Module) -> None:
                 del projection._forward_pre_hooks[key]
     if hasattr(model, GATES_ATTRIBUTE):
         delattr(model, GATES_ATTRIBUTE)
+
+
+def gated_model(module: nn.Module) -> nn.Module | None:
+    """Returns the model inside ``module`` that carries the ``HeadGates`` (the one ``attach_gates`` was given)."""
+    for submodule in module.modules():
+        if isinstance(getattr(submodule, GATES_ATTRIBUTE, None), HeadGates):
+            return submodule
+    return None
+
+
+def find_or_attach_gates(module: nn.Module) -> HeadGates:
+    """Returns the gates inside ``module``, attaching them to its first Hugging Face ``PreTrainedModel`` if needed.
+
+    This lets the callbacks work on a user's own LightningModule that holds a plain Hugging Face model.
+    """
+    from transformers import PreTrainedModel
+
+    gates = find_gates(module)
+    if gates is not None:
+        return gates
+    for submodule in module.modules():
+        if isinstance(submodule, PreTrainedModel):
+            return attach_gates(submodule)
+    raise ValueError(
+        f"{type(module).__name__} holds no HeadGates and no transformers.PreTrainedModel to attach them to; "
+        "give it a Hugging Face causal LM or call attach_gates(model) yourself."
+    )

@@ -1,0 +1,7 @@
+"""Lightning callbacks that watch, prune and reactivate attention heads, and show the gates."""
+
+from sentinel_lightning.callbacks.head_metrics import HeadMetrics
+from sentinel_lightning.callbacks.pruning import HeadPruning
+from sentinel_lightning.callbacks.reactivation import HeadReactivation
+
+__all__ = ["HeadMetrics", "HeadPruning", "HeadReactivation"]

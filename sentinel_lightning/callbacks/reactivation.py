@@ -1,0 +1,162 @@
+"""``HeadReactivation``: gives pruned heads back when validation perplexity regresses after pruning."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from sentinel_lightning.events import HeadEvent, notify_head_event
+from sentinel_lightning.gates import HeadGates, find_or_attach_gates
+
+CHOICES = ("last", "importance")
+
+
+class HeadReactivation(L.Callback):
+    """After each validation, compares the monitored perplexity with its value before the latest pruning event.
+
+    When it is worse by more than ``tolerance`` (relative) for ``patience`` validations in a row, it reactivates
+    ``fraction`` of the candidate heads: the heads of the latest pruning event (``"last"``) or every pruned head
+    ranked by the gradient importance it had when pruned (``"importance"``). A reactivated gate gets back the
+    value it had before pruning, and the head is protected from pruning at the end of the current epoch and of
+    the next ``cooldown`` epochs; the pruning schedule meets its target with other heads.
+
+    Args:
+        monitor: Logged metric to watch (lower is better), e.g. ``"val_ppl"``.
+        tolerance: Allowed relative regression, e.g. 0.05 for 5%.
+        patience: Consecutive regressed validations before reactivating.
+        reactivate: ``"last"`` or ``"importance"``.
+        fraction: Share of the candidates to reactivate, in (0, 1].
+        cooldown: Epochs after the current one during which a reactivated head cannot be pruned.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_ppl",
+        tolerance: float = 0.05,
+        patience: int = 1,
+        reactivate: str = "last",
+        fraction: float = 1.0,
+        cooldown: int = 1,
+    ) -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"monitor={monitor!r} must be the name of a logged metric.")
+        if not tolerance >= 0 or not math.isfinite(tolerance):
+            raise ValueError(f"tolerance={tolerance!r} must be a finite number >= 0 (a relative regression).")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience={patience!r} must be a positive integer.")
+        if reactivate not in CHOICES:
+            raise ValueError(f"reactivate={reactivate!r} is not one of {CHOICES}.")
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction={fraction!r} must lie in (0, 1].")
+        if not isinstance(cooldown, int) or cooldown < 0:
+            raise ValueError(f"cooldown={cooldown!r} must be a non-negative integer.")
+        self.monitor = monitor
+        self.tolerance = tolerance
+        self.patience = patience
+        self.reactivate = reactivate
+        self.fraction = fraction
+        self.cooldown = cooldown
+        self.reference: float | None = None
+        self.wait_count = 0
+        self.last_pruned: list[tuple[int, int]] = []
+        self.protected_until: torch.Tensor | None = None  # [L, H] last epoch index at which a head is protected
+        self.events: list[HeadEvent] = []
+        self._gates: HeadGates | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._gates = find_or_attach_gates(pl_module)
+        if self.protected_until is None:
+            self.protected_until = torch.full((self._gates.num_layers, self._gates.num_heads), -1, dtype=torch.long)
+
+    def protected_mask(self, epoch: int) -> torch.Tensor:
+        """Bool ``[num_layers, num_heads]``: heads that must not be pruned at the end of ``epoch``."""
+        return self.protected_until >= epoch
+
+    def on_head_event(self, trainer: L.Trainer, pl_module: L.LightningModule, event: HeadEvent) -> None:
+        if event.kind != "prune":
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        self.reference = None if value is None or not torch.isfinite(value) else float(value)
+        self.last_pruned = list(event.heads)
+        self.wait_count = 0
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if self.monitor not in trainer.callback_metrics:
+            raise RuntimeError(
+                f"HeadReactivation(monitor={self.monitor!r}) found no such metric after validation; the logged "
+                f"metrics are {sorted(trainer.callback_metrics)}."
+            )
+        if self.reference is None:
+            return
+        current = float(trainer.callback_metrics[self.monitor])
+        if not math.isfinite(current):
+            rank_zero_warn(f"HeadReactivation: {self.monitor} is {current}; no reactivation decided on it.")
+            return
+        regressed = current > self.reference * (1.0 + self.tolerance)
+        regressed = trainer.strategy.reduce_boolean_decision(regressed, all=True)
+        self.wait_count = self.wait_count + 1 if regressed else 0
+        if self.wait_count < self.patience:
+            return
+        heads = self._candidates(trainer)
+        if heads:
+            self._reactivate(trainer, pl_module, heads[: math.ceil(self.fraction * len(heads))], current)
+        self.wait_count = 0
+
+    def _candidates(self, trainer: L.Trainer) -> list[tuple[int, int]]:
+        pruned = set(self._gates.pruned_heads())
+        if self.reactivate == "last":
+            return [pair for pair in self.last_pruned if pair in pruned]
+        from sentinel_lightning.callbacks.pruning import HeadPruning
+
+        importance = next(
+            (cb.importance_at_pruning for cb in trainer.callbacks if isinstance(cb, HeadPruning)), None
+        )
+        if importance is None:
+            raise RuntimeError("HeadReactivation(reactivate='importance') needs a HeadPruning callback in the Trainer.")
+        score = lambda pair: importance[pair].item() if torch.isfinite(importance[pair]) else -math.inf  # noqa: E731
+        return sorted(pruned, key=lambda pair: (-score(pair), pair))
+
+    def _reactivate(self, trainer: L.Trainer, pl_module: L.LightningModule, heads: list[tuple[int, int]], current: float) -> None:
+        self._gates.reactivate(heads)
+        for layer, head in heads:
+            self.protected_until[layer, head] = trainer.current_epoch + self.cooldown
+        event = HeadEvent(
+            kind="reactivate",
+            epoch=trainer.current_epoch,
+            step=trainer.global_step,
+            heads=list(heads),
+            reason=(
+                f"{self.monitor} {current:.4g} > {self.reference:.4g} x (1 + {self.tolerance}) for {self.patience} "
+                f"validation(s); reactivating {self.reactivate!r} heads"
+            ),
+            perplexity=current,
+            sparsity=self._gates.sparsity,
+        )
+        self.events.append(event)
+        notify_head_event(trainer, pl_module, event)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "wait_count": self.wait_count,
+            "last_pruned": [list(pair) for pair in self.last_pruned],
+            "protected_until": self.protected_until,
+            "events": [event.to_dict() for event in self.events],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reference = state_dict["reference"]
+        self.wait_count = state_dict["wait_count"]
+        self.last_pruned = [tuple(pair) for pair in state_dict["last_pruned"]]
+        self.protected_until = state_dict["protected_until"]
+        self.events = [HeadEvent.from_dict(event) for event in state_dict["events"]]
