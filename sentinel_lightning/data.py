@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import datasets
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from transformers import PreTrainedTokenizerBase
 
 from sentinel_lightning.pretrained import load_tokenizer
@@ -53,6 +53,21 @@ def pack_into_blocks(token_lists: Sequence[Sequence[int]], block_size: int, sepa
     return [stream[start : start + block_size] for start in range(0, len(stream) - block_size + 1, block_size)]
 
 
+class EpochShuffledSampler(RandomSampler):
+    """A random order that depends only on ``seed`` and the epoch, so a resumed run sees the same batches.
+
+    Lightning calls ``set_epoch`` at the start of every epoch; under DDP it replaces this sampler (a
+    ``RandomSampler``) with a ``DistributedSampler``, which is seeded by epoch in the same way.
+    """
+
+    def __init__(self, data_source, seed: int = 0) -> None:
+        super().__init__(data_source, generator=torch.Generator().manual_seed(seed))
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+
 class LanguageModelingDataModule(L.LightningDataModule):
     """Blocks of ``block_size`` tokens for causal-LM fine-tuning.
 
@@ -71,6 +86,7 @@ class LanguageModelingDataModule(L.LightningDataModule):
         block_size: Tokens per training sequence.
         batch_size: Sequences per batch.
         num_workers: DataLoader workers.
+        seed: Seed of the training order (one shuffle per epoch, reproducible across resumes).
         cache: Whether to cache the tokenised blocks on disk.
         cache_dir: Where to cache them; None means ``sentinel_lightning`` in the ``datasets`` cache folder.
     """
@@ -89,6 +105,7 @@ class LanguageModelingDataModule(L.LightningDataModule):
         block_size: int = 256,
         batch_size: int = 4,
         num_workers: int = 0,
+        seed: int = 0,
         cache: bool = True,
         cache_dir: str | None = None,
     ) -> None:
@@ -208,10 +225,11 @@ class LanguageModelingDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
+        blocks = self.blocks[split]
         return DataLoader(
-            self.blocks[split],
+            blocks,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffledSampler(blocks, self.hparams.seed) if shuffle else None,
             num_workers=self.hparams.num_workers,
             collate_fn=self.collate,
         )

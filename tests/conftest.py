@@ -76,3 +76,22 @@ def tokenizer():
 def tokens():
     torch.manual_seed(1)
     return torch.randint(3, VOCAB, (2, 12))
+
+
+def tiny_data(block_size: int = 32, batch_size: int = 4):
+    """The embedded corpus with the byte-level tokenizer, in short blocks."""
+    from sentinel_lightning.data import LanguageModelingDataModule
+
+    return LanguageModelingDataModule(tokenizer=byte_tokenizer(), block_size=block_size, batch_size=batch_size, cache=False)
+
+
+def tiny_trainer(**kwargs):
+    """A quiet CPU Trainer for a few tiny batches; keyword arguments override the defaults."""
+    import lightning as L
+
+    defaults = dict(
+        accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=4, limit_val_batches=2,
+        enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
