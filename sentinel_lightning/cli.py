@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
@@ -43,11 +44,14 @@ class SentinelCLI(LightningCLI):
         parser.set_defaults({"pruning.strategy": "gradient", "model.learning_rate": 1e-4})
 
     def before_instantiate_classes(self) -> None:
-        """The data's tokenizer defaults to the model's own (the embedded default's when neither is given)."""
+        """The data's tokenizer defaults to the model's own, and progress shows in a rich progress bar."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.data.tokenizer is None and isinstance(config.model.model, str):
             config.data.tokenizer = config.model.model
             config.data.gguf_file = config.model.gguf_file
+        callbacks = config.trainer.callbacks or []
+        if config.trainer.enable_progress_bar is not False and not any("ProgressBar" in str(c) for c in callbacks):
+            config.trainer.callbacks = [*callbacks, Namespace(class_path=f"{RichProgressBar.__module__}.RichProgressBar")]
 
     def _validation_perplexity(self) -> float:
         results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
@@ -104,7 +108,7 @@ def main(args: list[str] | None = None) -> None:
     SentinelCLI(
         GatedLanguageModel,
         LanguageModelingDataModule,
-        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [RichProgressBar()]},
+        trainer_defaults=TRAINER_DEFAULTS,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,

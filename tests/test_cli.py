@@ -1,0 +1,69 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import byte_tokenizer, tiny_model
+
+from sentinel_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_config(tmp_path, model_dir, **overrides):
+    config = {
+        "trainer": {
+            "max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 2, "default_root_dir": str(tmp_path),
+            "enable_progress_bar": False,
+        },
+        "model": {"model": str(model_dir), "learning_rate": 1e-3},
+        "data": {"block_size": 32, "batch_size": 2, "cache": False},
+        "pruning": {"strategy": "random", "schedule": {0: 0.25, 1: 0.5}},
+        **overrides,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_fit_from_a_yaml_config_then_validate_the_checkpoint(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir)
+    main(["fit", "--config", str(config)])
+    report = capsys.readouterr().out
+    assert "validation perplexity before" in report and "validation perplexity after" in report
+    assert "pruned fraction" in report and "0.500" in report
+    checkpoints = list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
+    events = list(tmp_path.glob("lightning_logs/version_0/events.out.tfevents.*"))
+    assert len(checkpoints) == 1 and events
+    main(["validate", "--config", str(config), "--ckpt_path", str(checkpoints[0])])
+    assert "val_ppl" in capsys.readouterr().out
+
+
+def test_strategy_configs_and_bad_values_are_checked(tmp_path, tiny_model_dir):
+    for name in ("entropy", "gradient", "random"):
+        overrides = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+        assert overrides["pruning"]["strategy"] == name
+    config = write_config(tmp_path, tiny_model_dir, pruning={"strategy": "random", "schedule": {0: 1.5}})
+    with pytest.raises(ValueError, match=r"target 1.5"):
+        main(["fit", "--config", str(config)])
+
+
+def _printed_config(*args):
+    result = subprocess.run(
+        [sys.executable, "-m", "sentinel_lightning.cli", "fit", *args, "--print_config"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    return yaml.safe_load(result.stdout)
+
+
+def test_configs_default_yaml_is_the_built_in_default():
+    assert _printed_config("--config", "configs/default.yaml") == _printed_config()
