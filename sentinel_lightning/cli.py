@@ -31,6 +31,7 @@ TRAINER_DEFAULTS = {
     "limit_val_batches": 8,
     "log_every_n_steps": 1,
     "gradient_clip_val": 1.0,
+    "num_sanity_val_steps": 0,  # fit is preceded by a full validation anyway
 }
 
 

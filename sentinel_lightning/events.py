@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 
 KINDS = ("prune", "reactivate")
 
@@ -54,7 +55,8 @@ class HeadEvent:
 
 
 def notify_head_event(trainer: L.Trainer, pl_module: L.LightningModule, event: HeadEvent) -> None:
-    """Calls ``on_head_event`` of every callback of ``trainer`` that has one."""
+    """Logs ``event`` on rank zero and calls ``on_head_event`` of every callback of ``trainer`` that has one."""
+    rank_zero_info(f"sentinel-lightning: {event.describe()}")
     for callback in trainer.callbacks:
         handler = getattr(callback, "on_head_event", None)
         if callable(handler):

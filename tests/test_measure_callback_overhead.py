@@ -1,0 +1,16 @@
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "measure_callback_overhead.py"
+
+
+def test_overhead_script_writes_its_measurements(tmp_path):
+    spec = importlib.util.spec_from_file_location("measure_callback_overhead", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.main(["--quick", "--output-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "callback_overhead.json").read_text())
+    assert saved == result and saved["step_seconds"] > 0 and saved["entropy_pass_seconds"] > 0
+    assert saved["amortised_overhead"] == saved["entropy_pass_over_step"] / saved["entropy_every_n_steps"]
+    assert "| tiny llama | 4 x 32 |" in (tmp_path / "callback_overhead.md").read_text()
