@@ -94,10 +94,10 @@ class HeadMetrics(L.Callback):
             return
         model = gated_model(pl_module)
         self.entropy.update(*attention_entropy(model, batch["input_ids"], batch.get("attention_mask")))
-        if self.entropy.weight > 0:
-            pl_module.log("head_metrics/mean_entropy", self.entropy.total.mean() / self.entropy.weight)
-        if self.grad_norm.weight > 0:
-            pl_module.log("head_metrics/mean_grad_norm", self.grad_norm.total.mean() / self.grad_norm.weight)
+        # Epoch-level summaries of this rank's accumulators (per-step logging would repeat stale values).
+        for name, metric in (("mean_entropy", self.entropy), ("mean_grad_norm", self.grad_norm)):
+            if metric.weight > 0:
+                pl_module.log(f"head_metrics/{name}", metric.total.mean() / metric.weight, on_step=False, on_epoch=True)
 
     def on_head_event(self, trainer: L.Trainer, pl_module: L.LightningModule, event: HeadEvent) -> None:
         if event.kind == "prune" and self.reset_on_prune:
