@@ -72,3 +72,21 @@ def load_tokenizer(model: str | None = None, gguf_file: str | None = None) -> Pr
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer (one token per byte; id 256 is ``<|endoftext|>``): real, offline and tiny.
+
+    It pairs with small models built from a config (``vocab_size >= 257``) for quick runs and tests.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: index for index, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>", name_or_path="byte-level"
+    )

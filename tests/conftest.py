@@ -16,19 +16,10 @@ VOCAB = 260  # the byte-level test tokenizer's 256 bytes and its special token f
 
 
 def byte_tokenizer():
-    """A byte-level tokenizer (one token per byte, plus ``<|endoftext|>``): real, offline and tiny."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """The package's offline byte-level tokenizer (vocab 257), matching the tiny models."""
+    from sentinel_lightning.pretrained import byte_level_tokenizer
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
-    vocab["<|endoftext|>"] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>", name_or_path="byte-level"
-    )
+    return byte_level_tokenizer()
 
 
 def tiny_config(family: str, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, width: int = 32):
