@@ -3,7 +3,7 @@
 With Lightning's ``TensorBoardLogger`` it writes, every ``log_every_n_steps`` optimizer steps and at every
 pruning or reactivation event:
 
-* ``gates/heatmap``: an image of the gates, layers (rows) by heads (columns), colour scale fixed to 0..1,
+* ``gates/heatmap``: an image of the gates, layers (columns) by heads (rows), colour scale fixed to 0..1,
   pruned heads hatched grey;
 * ``head_metrics/entropy`` and ``head_metrics/grad_norm``: the same grid for the attention entropy and the
   gradient importance that a ``HeadMetrics`` callback of the trainer has accumulated (when there is one);
@@ -18,6 +18,7 @@ Only the global rank zero writes.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import lightning as L
@@ -30,6 +31,7 @@ from sentinel_lightning.events import HeadEvent
 from sentinel_lightning.gates import HeadGates, find_gates
 
 PRUNED_COLOUR = "#c8c8c8"
+PRUNED_EDGE = "#505050"
 MISSING_COLOUR = "#ffffff"
 
 
@@ -45,15 +47,18 @@ def render_heatmap(
 ) -> torch.Tensor:
     """Draws a per-head quantity as a heatmap and returns it as an image.
 
+    The grid shows layers along the horizontal axis and heads along the vertical axis, so that deep models
+    give a wide image that TensorBoard's image cards (about 350 pixels wide) show at a readable size.
+
     Args:
         values: ``[num_layers, num_heads]``; NaN cells (nothing measured) are drawn white.
-        title: Title above the grid.
+        title: Title above the grid; a second line explains the grey and white cells when there are any.
         colorbar_label: Label of the colour bar (the quantity and its unit).
         pruned: Bool ``[num_layers, num_heads]``; True cells are drawn hatched grey whatever their value.
         vmin: Bottom of the colour scale; None means the smallest finite value.
         vmax: Top of the colour scale; None means the largest finite value.
         log_scale: Whether the colour scale is logarithmic (for quantities spanning orders of magnitude).
-        annotate: Whether every cell shows its value; None means only when the grid has at most 300 cells.
+        annotate: Whether every cell shows its value; None means when the cells are large enough to read it.
 
     Returns:
         The image, ``[height, width, 3]`` uint8 (RGB), for ``SummaryWriter.add_image(..., dataformats="HWC")``.
@@ -64,13 +69,16 @@ def render_heatmap(
     from matplotlib import colors
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     values = values.detach().float().cpu()
     if values.ndim != 2:
         raise ValueError(f"values must be [num_layers, num_heads], got shape {tuple(values.shape)}.")
     num_layers, num_heads = values.shape
     pruned = torch.zeros_like(values, dtype=torch.bool) if pruned is None else pruned.detach().cpu().bool()
+    if pruned.shape != values.shape:
+        raise ValueError(f"pruned has shape {tuple(pruned.shape)} but values has shape {tuple(values.shape)}.")
     shown = values.masked_fill(pruned, float("nan"))
     finite = shown[torch.isfinite(shown)]
     if log_scale:
@@ -81,32 +89,31 @@ def render_heatmap(
         high = low + (abs(low) * 0.1 if low else 1.0)
     norm = colors.LogNorm(low, high) if log_scale and low > 0 else colors.Normalize(low, high)
 
-    # Each cell is about 0.42 x 0.3 inches, so that a 30-layer model stays readable at 100 dpi.
-    cell_width, cell_height = 0.42, 0.3
-    width = max(5.5, 2.6 + cell_width * num_heads)
-    height = max(3.2, 1.5 + cell_height * num_layers)
+    # Cell sizes in pixels (at 100 dpi). TensorBoard fits an image into a card about 350 pixels wide, so a
+    # 30 x 9 grid makes an image of about 400 x 250 pixels whose text stays readable once fitted.
+    cell_width = min(40.0, max(8.0, 270.0 / num_layers))
+    cell_height = min(30.0, max(10.0, 150.0 / num_heads))
+    width = max(380.0, cell_width * num_layers + 130.0) / 100
+    height = max(230.0, cell_height * num_heads + 95.0) / 100
     figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    figure.get_layout_engine().set(w_pad=0.02, h_pad=0.02)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    colour_map = matplotlib.colormaps["viridis"].copy()
-    colour_map.set_bad(MISSING_COLOUR)
-    image = axes.imshow(np.ma.masked_invalid(shown.numpy()), cmap=colour_map, norm=norm, aspect="auto",
-                        interpolation="nearest")
-    legend = []
+    colour_map = matplotlib.colormaps["viridis"].with_extremes(bad=MISSING_COLOUR)
+    grid = np.ma.masked_invalid(shown.T.numpy())  # [num_heads, num_layers]: heads are rows, layers columns
+    image = axes.imshow(grid, cmap=colour_map, norm=norm, aspect="auto", interpolation="nearest")
+    notes = []
     if pruned.any():
-        overlay = np.zeros((num_layers, num_heads, 4))
-        overlay[pruned.numpy()] = colors.to_rgba(PRUNED_COLOUR)
-        axes.imshow(overlay, aspect="auto", interpolation="nearest")
         for layer, head in pruned.nonzero().tolist():
-            axes.add_patch(matplotlib.patches.Rectangle(
-                (head - 0.5, layer - 0.5), 1, 1, fill=False, hatch="xxx", edgecolor="#606060", linewidth=0
+            axes.add_patch(Rectangle(
+                (layer - 0.5, head - 0.5), 1, 1, facecolor=PRUNED_COLOUR, hatch="xx", edgecolor=PRUNED_EDGE, linewidth=0
             ))
-        legend.append(Patch(facecolor=PRUNED_COLOUR, edgecolor="#606060", hatch="xxx", label="pruned"))
+        notes.append(f"{int(pruned.sum())} pruned (hatched grey)")
     missing = ~torch.isfinite(values) & ~pruned
     if missing.any():
-        legend.append(Patch(facecolor=MISSING_COLOUR, edgecolor="#606060", label="not measured"))
+        notes.append(f"{int(missing.sum())} not measured (white)")
     if annotate is None:
-        annotate = values.numel() <= 300
+        annotate = cell_width >= 30 and cell_height >= 18
     if annotate:
         for layer in range(num_layers):
             for head in range(num_heads):
@@ -114,21 +121,25 @@ def render_heatmap(
                 if pruned[layer, head] or not math.isfinite(value):
                     continue
                 text_colour = "black" if norm(value) > 0.6 else "white"
-                axes.text(head, layer, _short(value), ha="center", va="center", fontsize=7, color=text_colour)
-    axes.set_xticks(range(num_heads))
-    axes.set_yticks(range(num_layers))
-    axes.tick_params(labelsize=8, top=True, labeltop=True)
-    axes.set_xlabel("head")
-    axes.set_ylabel("layer")
-    axes.set_title(title, fontsize=10)
-    axes.set_xticks(np.arange(-0.5, num_heads), minor=True)
-    axes.set_yticks(np.arange(-0.5, num_layers), minor=True)
-    axes.grid(which="minor", color="white", linewidth=0.5)
+                axes.text(layer, head, _short(value), ha="center", va="center", fontsize=7, color=text_colour)
+    axes.xaxis.set_major_locator(MaxNLocator(nbins=min(num_layers, 8), integer=True))
+    axes.yaxis.set_major_locator(MaxNLocator(nbins=min(num_heads, 10), integer=True))
+    axes.tick_params(labelsize=8, length=2, pad=1)
+    axes.set_xlabel("layer", fontsize=9)
+    axes.set_ylabel("head", fontsize=9)
+    axes.set_title(title + ("\n" + "; ".join(notes) if notes else ""), fontsize=9)
+    axes.set_xticks(np.arange(-0.5, num_layers), minor=True)
+    axes.set_yticks(np.arange(-0.5, num_heads), minor=True)
+    axes.grid(which="minor", color="white", linewidth=0.6)
     axes.tick_params(which="minor", length=0)
-    colour_bar = figure.colorbar(image, ax=axes, fraction=0.08, pad=0.02)
-    colour_bar.set_label(colorbar_label)
-    if legend:
-        figure.legend(handles=legend, loc="outside lower center", ncols=len(legend), fontsize=8, frameon=False)
+    colour_bar = figure.colorbar(image, ax=axes, fraction=0.06, pad=0.02)
+    colour_bar.set_label(colorbar_label, fontsize=8, labelpad=2)
+    colour_bar.ax.tick_params(labelsize=8, length=2, pad=1)
+    if isinstance(norm, colors.LogNorm):  # ticks at 1 (2, 5) times a power of ten, labelled like 2e-03
+        subs = (1.0, 2.0, 5.0) if math.log10(high / low) <= 2 else (1.0,)
+        colour_bar.ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+        colour_bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.0e}"))
+        colour_bar.ax.yaxis.set_minor_formatter(NullFormatter())
     figure.canvas.draw()
     rgba = np.asarray(figure.canvas.buffer_rgba())  # [height, width, 4]
     return torch.from_numpy(rgba[..., :3].copy())
@@ -192,6 +203,7 @@ class GateMonitor(Callback):
             pl_module: The module holding the gates.
             step: Global step to log at; None means ``trainer.global_step``.
         """
+        self._last_logged_step = trainer.global_step  # on every rank, so that all ranks take the same path
         if not trainer.loggers:
             return
         gates = find_gates(pl_module)
@@ -203,7 +215,6 @@ class GateMonitor(Callback):
         if not trainer.is_global_zero:
             return
         step = trainer.global_step if step is None else step
-        self._last_logged_step = trainer.global_step
         scalars = self.gate_scalars(gates)
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
@@ -214,17 +225,17 @@ class GateMonitor(Callback):
         images = {}
         if self.log_images:
             images["gates/heatmap"] = render_heatmap(
-                effective, _title("Gate values", gates, step), "gate value (pruned heads are 0)", pruned, 0.0, 1.0
+                effective, _title("Gate values", gates, step), "gate value", pruned, 0.0, 1.0
             )
-            for name, label, log_scale in (
-                ("entropy", "mean attention entropy (nats)", False),
-                ("grad_norm", "mean |dL/dgate| (log scale)", True),
+            for name, title, label, log_scale in (
+                ("entropy", "Attention entropy", "entropy (nats)", False),
+                ("grad_norm", "Gradient importance", "|dL/dgate| (log scale)", True),
             ):
                 values = None if metrics is None else metrics.get(name)
                 if values is None or not torch.isfinite(values).any():
                     continue
                 images[f"head_metrics/{name}"] = render_heatmap(
-                    values, _title(f"Head {name.replace('_', ' ')}", gates, step), label, pruned, log_scale=log_scale
+                    values, _title(title, gates, step), label, pruned, log_scale=log_scale
                 )
         for writer in writers:
             for tag, image in images.items():
@@ -254,18 +265,23 @@ class GateMonitor(Callback):
             return None
         for callback in trainer.callbacks:
             if isinstance(callback, HeadMetrics):
-                return callback.compute()
+                with warnings.catch_warnings():  # before the first update the metrics are NaN, which is fine here
+                    warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+                    return callback.compute()
         return None
 
 
 def _title(name: str, gates: HeadGates, step: int) -> str:
     total = gates.active.numel()
-    return f"{name} at step {step}: {gates.num_active}/{total} heads active ({gates.sparsity:.0%} pruned)"
+    return f"{name}, step {step}: {gates.num_active}/{total} heads active"
 
 
 def _event_markdown(event: HeadEvent) -> str:
     """The event as a short markdown paragraph for TensorBoard's text dashboard."""
-    heads = ", ".join(f"L{layer}H{head}" for layer, head in event.heads)
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in sorted(event.heads):
+        by_layer.setdefault(layer, []).append(head)
+    heads = ", ".join(f"L{layer} (H{', H'.join(map(str, heads))})" for layer, heads in by_layer.items())
     perplexity = "n/a" if event.perplexity is None else f"{event.perplexity:.3f}"
     return (
         f"**{event.kind}** {len(event.heads)} head(s) at epoch {event.epoch}, step {event.step}  \n"

@@ -1,0 +1,76 @@
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "compare_strategies.py")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("compare_strategies", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_comparison_writes_every_strategy_and_level(tmp_path):
+    script = load_script()
+    output = tmp_path / "out"
+    results = script.main(["--quick", "--output-dir", str(output)])
+
+    assert (output / "pruning_strategy_comparison.png").stat().st_size > 10_000
+    with open(output / "results.json") as file:
+        saved = json.load(file)
+    assert saved["levels"] == [0.0, 0.25, 0.5] and saved["seeds"] == [0, 1]
+    runs = {(row["strategy"], row["seed"], row["level"]) for row in saved["results"]}
+    expected = {(name, None, level) for name in ("entropy", "gradient") for level in (0.0, 0.25, 0.5)}
+    expected |= {("random", seed, level) for seed in (0, 1) for level in (0.0, 0.25, 0.5)}
+    assert runs == expected
+    for row in saved["results"]:
+        assert row["heads_pruned"] == round(row["level"] * 8) == len(row["pruned"])
+        assert row["perplexity"] > 1 and row["tokens_per_second"] > 0
+        assert 0 <= row["lexical_diversity"] <= 1 and 0 <= row["repetition_score"] <= 1
+    # Unpruned, every strategy is the same model.
+    dense = {row["perplexity"] for row in saved["results"] if row["level"] == 0.0}
+    assert len(dense) == 1
+    assert results["results"] == saved["results"]
+
+    report = (output / "results.md").read_text()
+    for text in ("entropy", "gradient", "random (median [min, max], 2 seeds)", "| 0% |", "| 25% |", "| 50% |",
+                 "Validation perplexity", "tokens per second", "--quick"):
+        assert text in report
+
+
+def test_recovery_steps_fine_tune_a_copy_with_frozen_gates(tmp_path):
+    script = load_script()
+    output = tmp_path / "recovered"
+    results = script.main([
+        "--quick", "--recovery-steps", "2", "--levels", "0.0", "0.5", "--strategies", "gradient", "random",
+        "--seeds", "0", "--output-dir", str(output),
+    ])
+    assert {(row["strategy"], row["level"]) for row in results["results"]} == {
+        ("gradient", 0.0), ("gradient", 0.5), ("random", 0.0), ("random", 0.5)
+    }
+    assert results["recovery_steps"] == 2 and "2 recovery fine-tuning steps" in (output / "results.md").read_text()
+
+    model, _, data = script.load(script.parse_args(["--quick"]))
+    model.head_gates.prune([(0, 1), (1, 2)])
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    recovered = script.recover(model, data, steps=2, learning_rate=1e-2)
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # the original is untouched
+    changed = [name for name, value in recovered.state_dict().items() if not torch.equal(value, before[name])]
+    assert changed and not any("head_gates" in name for name in changed)  # weights trained, gates frozen
+    assert recovered.head_gates.pruned_heads() == [(0, 1), (1, 2)]
+
+
+def test_bad_arguments_name_the_option(capsys):
+    script = load_script()
+    with pytest.raises(SystemExit):
+        script.parse_args(["--levels", "1.5"])
+    assert "--levels contains 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args(["--recovery-steps", "-1"])
+    assert "--recovery-steps=-1" in capsys.readouterr().err
