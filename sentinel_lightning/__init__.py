@@ -1,6 +1,7 @@
 """sentinel-lightning: prune the attention heads of Hugging Face causal LMs while fine-tuning them with Lightning."""
 
-from sentinel_lightning.callbacks import HeadMetrics, HeadPruning, HeadReactivation
+from sentinel_lightning.callbacks import GateMonitor, HeadMetrics, HeadPruning, HeadReactivation
+from sentinel_lightning.compaction import compact, load_pruned, save_pruned
 from sentinel_lightning.data import LanguageModelingDataModule
 from sentinel_lightning.events import HeadEvent
 from sentinel_lightning.gates import HeadGates, attach_gates, find_gates
@@ -8,6 +9,7 @@ from sentinel_lightning.module import GatedLanguageModel
 from sentinel_lightning.strategies import STRATEGIES, select_heads
 
 __all__ = [
+    "GateMonitor",
     "GatedLanguageModel",
     "HeadEvent",
     "HeadGates",
@@ -17,6 +19,9 @@ __all__ = [
     "LanguageModelingDataModule",
     "STRATEGIES",
     "attach_gates",
+    "compact",
     "find_gates",
+    "load_pruned",
+    "save_pruned",
     "select_heads",
 ]

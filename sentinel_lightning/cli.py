@@ -6,23 +6,29 @@
 default model on the embedded corpus with gradient-based head pruning, small enough for a 2-core CPU; raise
 any setting from the command line or a YAML file (``--config configs/default.yaml``).
 
-``export`` and ``evaluate`` are plain functions exposed through jsonargparse.
+``export`` (a checkpoint to a compact model folder) and ``evaluate`` (perplexity, generation speed and text
+quality, before and after pruning) are plain functions exposed through jsonargparse.
 """
 
 from __future__ import annotations
 
 import sys
 
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 from rich.table import Table
 
-from sentinel_lightning.callbacks import HeadMetrics, HeadPruning, HeadReactivation
+from sentinel_lightning.callbacks import GateMonitor, HeadMetrics, HeadPruning, HeadReactivation
+from sentinel_lightning.compaction import export_checkpoint
 from sentinel_lightning.data import LanguageModelingDataModule
+from sentinel_lightning.evaluation import evaluate
 from sentinel_lightning.gates import find_gates
 from sentinel_lightning.module import GatedLanguageModel
+
+# Subcommands that are plain functions rather than Trainer methods.
+FUNCTION_COMMANDS = {"export": export_checkpoint, "evaluate": evaluate}
 
 # The main job's defaults: a fine-tune-with-pruning run that finishes in minutes on a 2-core CPU.
 TRAINER_DEFAULTS = {
@@ -42,7 +48,8 @@ class SentinelCLI(LightningCLI):
         parser.add_lightning_class_args(HeadMetrics, "metrics")
         parser.add_lightning_class_args(HeadPruning, "pruning")
         parser.add_lightning_class_args(HeadReactivation, "reactivation")
-        parser.set_defaults({"pruning.strategy": "gradient", "model.learning_rate": 1e-4})
+        parser.add_lightning_class_args(GateMonitor, "gate_monitor")
+        parser.set_defaults({"pruning.strategy": "gradient", "model.learning_rate": 1e-4, "gate_monitor.log_every_n_steps": 4})
 
     def before_instantiate_classes(self) -> None:
         """The data's tokenizer defaults to the model's own, and progress shows in a rich progress bar."""
@@ -80,31 +87,20 @@ class SentinelCLI(LightningCLI):
         Console().print(table)
 
 
-def _extra_commands() -> dict:
-    commands = {}
-    try:
-        from sentinel_lightning.compaction import export_checkpoint
-
-        commands["export"] = export_checkpoint
-    except ImportError:
-        pass
-    try:
-        from sentinel_lightning.evaluation import evaluate
-
-        commands["evaluate"] = evaluate
-    except ImportError:
-        pass
-    return commands
+def run_function(function, argv: list[str]) -> None:
+    """Parses ``--name value`` options (or a ``--config`` YAML) for ``function`` and calls it."""
+    parser = ArgumentParser(prog=f"sentinel-lightning {argv[0]}", description=function.__doc__.split("\n")[0])
+    parser.add_argument("--config", action="config")
+    parser.add_function_arguments(function, as_positional=False)
+    config = parser.parse_args(argv[1:])
+    function(**{key: value for key, value in vars(config).items() if key != "config"})
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``sentinel-lightning`` console script."""
     argv = sys.argv[1:] if args is None else list(args)
-    extra = _extra_commands()
-    if argv and argv[0] in extra:
-        from jsonargparse import CLI
-
-        CLI(extra[argv[0]], args=argv[1:])
+    if argv and argv[0] in FUNCTION_COMMANDS:
+        run_function(FUNCTION_COMMANDS[argv[0]], argv)
         return
     SentinelCLI(
         GatedLanguageModel,

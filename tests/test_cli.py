@@ -6,6 +6,9 @@ import pytest
 import yaml
 from conftest import byte_tokenizer, tiny_model
 
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from sentinel_lightning import load_pruned
 from sentinel_lightning.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +49,16 @@ def test_fit_from_a_yaml_config_then_validate_the_checkpoint(tmp_path, tiny_mode
     assert len(checkpoints) == 1 and events
     main(["validate", "--config", str(config), "--ckpt_path", str(checkpoints[0])])
     assert "val_ppl" in capsys.readouterr().out
+    images = EventAccumulator(str(events[0].parent)).Reload().Tags()["images"]
+    assert "gates/heatmap" in images  # the GateMonitor group is on by default
+
+    main(["export", "--ckpt_path", str(checkpoints[0]), "--output_dir", str(tmp_path / "pruned")])
+    assert "4/8 heads kept" in capsys.readouterr().out
+    assert load_pruned(str(tmp_path / "pruned")).config.num_hidden_layers == 2
+    main(["evaluate", "--ckpt_path", str(checkpoints[0]), "--block_size", "32", "--max_batches", "1",
+          "--num_tokens", "4", "--num_runs", "1"])
+    report = capsys.readouterr().out
+    assert "before" in report and "after" in report and "perplexity" in report
 
 
 def test_strategy_configs_and_bad_values_are_checked(tmp_path, tiny_model_dir):

@@ -259,10 +259,7 @@ class GateMonitor(Callback):
 
     @staticmethod
     def _head_metrics(trainer: L.Trainer) -> dict[str, torch.Tensor] | None:
-        try:
-            from sentinel_lightning.callbacks.head_metrics import HeadMetrics
-        except ImportError:  # the HeadMetrics callback is not available in this installation
-            return None
+        from sentinel_lightning.callbacks.head_metrics import HeadMetrics
         for callback in trainer.callbacks:
             if isinstance(callback, HeadMetrics):
                 with warnings.catch_warnings():  # before the first update the metrics are NaN, which is fine here
