@@ -34,6 +34,7 @@ from sentinel_lightning.data import LanguageModelingDataModule
 from sentinel_lightning.evaluation import measure_inference_speed, perplexity, text_quality
 from sentinel_lightning.gates import HeadGates, attach_gates
 from sentinel_lightning.metrics import measure_head_metrics
+from sentinel_lightning.pretrained import byte_level_tokenizer
 from sentinel_lightning.strategies import resolve_strategy, select_heads
 
 DEFAULT_LEVELS = [round(0.1 * index, 1) for index in range(10)]
@@ -83,21 +84,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--recovery-steps={args.recovery_steps} must be 0 or more.")
     args.levels = sorted(set(args.levels))
     return args
-
-
-def byte_level_tokenizer():
-    """A byte-level tokenizer (one token per byte, id 256 is ``<|endoftext|>``): real, offline and tiny."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {symbol: index for index, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>", name_or_path="byte-level"
-    )
 
 
 def tiny_llama():

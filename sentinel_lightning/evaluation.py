@@ -237,6 +237,7 @@ def evaluate(
     batch_size: int = 4,
     max_batches: int | None = 6,
     data_files: list[str] | None = None,
+    cache: bool = True,
     num_threads: int | None = None,
     device: str = "cpu",
     print_table: bool = True,
@@ -262,6 +263,7 @@ def evaluate(
         max_batches: Perplexity uses at most this many validation batches; None uses them all.
         data_files: Local text files to measure perplexity on; None means the validation split of the
             embedded corpus (the Python Language Reference).
+        cache: Whether the tokenised perplexity blocks are cached on disk (see ``LanguageModelingDataModule``).
         num_threads: Torch CPU threads while generating; None keeps the current setting.
         device: Device to evaluate on (``"cpu"``, ``"cuda"``, ...).
         print_table: Whether to print the results as a table.
@@ -294,10 +296,12 @@ def evaluate(
     if data_files:
         data = LanguageModelingDataModule(
             tokenizer=loaded_tokenizer, source="text", train_files=data_files, val_files=data_files,
-            block_size=block_size, batch_size=batch_size,
+            block_size=block_size, batch_size=batch_size, cache=cache,
         )
     else:
-        data = LanguageModelingDataModule(tokenizer=loaded_tokenizer, block_size=block_size, batch_size=batch_size)
+        data = LanguageModelingDataModule(
+            tokenizer=loaded_tokenizer, block_size=block_size, batch_size=batch_size, cache=cache
+        )
     data.setup()
     loader = data.val_dataloader()
 

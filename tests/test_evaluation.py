@@ -103,7 +103,7 @@ def test_evaluate_a_checkpoint_before_and_after_pruning(tmp_path, capsys):
 
     results = evaluate(
         ckpt_path=checkpoint, tokenizer=tokenizer_dir, prompt="def f(x):", num_tokens=5, num_runs=1,
-        block_size=32, batch_size=4, max_batches=2,
+        block_size=32, batch_size=4, max_batches=2, cache=False,
     )
     assert list(results) == ["before", "after"]
     assert results["before"]["active_heads"] == 8 and results["after"]["active_heads"] == 6
@@ -122,7 +122,8 @@ def test_evaluate_a_plain_model_has_one_column(tmp_path):
     byte_tokenizer().save_pretrained(folder)
     output = tmp_path / "results.json"
     results = evaluate(
-        model=folder, num_tokens=4, num_runs=1, block_size=32, max_batches=1, print_table=False, output_file=str(output)
+        model=folder, num_tokens=4, num_runs=1, block_size=32, max_batches=1, cache=False, print_table=False,
+        output_file=str(output),
     )
     assert list(results) == ["model"]
     assert results["model"]["perplexity"] > 1.0 and "active_heads" not in results["model"]
