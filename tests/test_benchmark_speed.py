@@ -10,16 +10,16 @@ SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "benchmar
 
 
 @pytest.fixture(scope="module")
-def benchmark():
+def speed_script():
     spec = importlib.util.spec_from_file_location("benchmark_speed", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_quick_benchmark_writes_json_and_markdown(benchmark, tmp_path):
+def test_quick_benchmark_writes_json_and_markdown(speed_script, tmp_path):
     # One thread: a tiny model gains nothing from two, and two threads crawl when other processes share the cores.
-    results = benchmark.main(["--quick", "--threads", "1", "--output_dir", str(tmp_path)])
+    results = speed_script.main(["--quick", "--threads", "1", "--output_dir", str(tmp_path)])
 
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert saved == json.loads(json.dumps(results))
@@ -52,10 +52,10 @@ def test_quick_benchmark_writes_json_and_markdown(benchmark, tmp_path):
     assert len([line for line in markdown.splitlines() if line.startswith("| 0.")]) == 4
 
 
-def test_multiply_adds_of_the_quick_model(benchmark):
-    model = benchmark.quick_model(None)  # 4 layers, hidden 96, 6 query heads and 2 key/value heads of 16, MLP 192
+def test_multiply_adds_of_the_quick_model(speed_script):
+    model = speed_script.quick_model(None)  # 4 layers, hidden 96, 6 query heads and 2 key/value heads of 16, MLP 192
     batch, length = 2, 10
     tokens = batch * length
-    per_token = 4 * (96 * 96 + 2 * 96 * 32 + 96 * 96 + 3 * 96 * 192) + 96 * benchmark.QUICK_VOCAB
+    per_token = 4 * (96 * 96 + 2 * 96 * 32 + 96 * 96 + 3 * 96 * 192) + 96 * speed_script.QUICK_VOCAB
     scores = 4 * 2 * 6 * 16 * batch * (length * (length + 1) // 2)
-    assert benchmark.multiply_adds(model, batch, length) == tokens * per_token + scores
+    assert speed_script.multiply_adds(model, batch, length) == tokens * per_token + scores
