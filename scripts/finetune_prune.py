@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="hub name or local path; default: the embedded model")
     parser.add_argument("--strategy", default="gradient", choices=["entropy", "gradient", "random"])
-    parser.add_argument("--schedule", default='{"1": 0.1, "2": 0.2, "3": 0.3}', help="JSON: epoch -> fraction")
+    parser.add_argument("--schedule", default='{"0": 0.1, "1": 0.2, "2": 0.3}', help="JSON: epoch -> fraction")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--train-batches", type=int, default=8, help="training batches per epoch")
     parser.add_argument("--val-batches", type=int, default=8)

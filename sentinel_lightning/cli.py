@@ -49,7 +49,13 @@ class SentinelCLI(LightningCLI):
         parser.add_lightning_class_args(HeadPruning, "pruning")
         parser.add_lightning_class_args(HeadReactivation, "reactivation")
         parser.add_lightning_class_args(GateMonitor, "gate_monitor")
-        parser.set_defaults({"pruning.strategy": "gradient", "model.learning_rate": 1e-4, "gate_monitor.log_every_n_steps": 4})
+        # Prune after epochs 0, 1 and 2, so that the last epoch fine-tunes the final pruned model.
+        parser.set_defaults({
+            "pruning.strategy": "gradient",
+            "pruning.schedule": {0: 0.1, 1: 0.2, 2: 0.3},
+            "model.learning_rate": 1e-4,
+            "gate_monitor.log_every_n_steps": 4,
+        })
 
     def before_instantiate_classes(self) -> None:
         """The data's tokenizer defaults to the model's own, and progress shows in a rich progress bar."""
