@@ -1,7 +1,7 @@
 """How much faster is a pruned model once its heads are physically removed?
 
 For each pruning level (heads pruned by the gradient strategy, the same number in every layer) the script times,
-in one process, interleaved, with medians over repeats:
+in one process, in interleaved rounds (every round times every variant once), reporting medians over rounds:
 
 - ``plain``: the model as loaded;
 - ``gated``: the model with gates, pruned heads gated to 0 but still computed (nothing removed);
@@ -19,6 +19,8 @@ Measured: prefill throughput (one forward pass over ``batch x length`` tokens, t
 ``generate`` from a short prompt with the key/value cache, batch 1, exactly ``decode_tokens`` new tokens, new
 tokens/s), parameter counts, and the multiply-adds of the prefill shape (attention projections, attention scores
 over the causal triangle, MLP and LM head), whose ratio predicts the compacted model's prefill speed-up.
+Ratios between variants are medians over rounds of the ratio within each round, which cancels most of what other
+processes on a shared machine do to the timings.
 
 Usage::
 
@@ -210,8 +212,15 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, pad_tok
     return new_tokens / elapsed
 
 
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return None if numerator is None or denominator in (None, 0) else numerator / denominator
+def paired_ratio(samples: dict, numerator: str, denominator: str, kind: str) -> float | None:
+    """Median over rounds of the ratio of two variants' throughputs measured in the same round.
+
+    Pairing by round cancels most of the slow-downs other processes cause on a shared machine (they hit both
+    variants of a round alike), which per-variant medians do not when a slow spell spans several rounds.
+    """
+    if numerator not in samples or denominator not in samples:
+        return None
+    return statistics.median(a / b for a, b in zip(samples[numerator][kind], samples[denominator][kind]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,7 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python", "scripts/benchmark_speed.py", *(sys.argv[1:] if argv is None else argv)]),
         "model": model_name,
         "machine": {
-            "cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)), "threads": threads,
+            "cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
+            "threads": threads,
             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
             "python": platform.python_version(),
             "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
@@ -314,6 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
             "multiply_adds": multiply_adds(model, args.prefill_batch, args.prefill_length),
             "prefill_tokens_per_s": statistics.median(samples[name]["prefill"]),
             "decode_tokens_per_s": statistics.median(samples[name]["decode"]),
+            "prefill_tokens_per_s_best": max(samples[name]["prefill"]),
+            "decode_tokens_per_s_best": max(samples[name]["decode"]),
             "prefill_samples": samples[name]["prefill"],
             "decode_samples": samples[name]["decode"],
         }
@@ -321,21 +333,21 @@ def main(argv: list[str] | None = None) -> dict:
     for entry in levels:
         level = entry.pop("level")
         entry.pop("mask")
-        get = lambda kind, key: results["variants"].get(f"{kind}@{level}", {}).get(key)  # noqa: E731
-        predicted = base["multiply_adds"] / get("compacted", "multiply_adds")
-        achieved = get("compacted", "prefill_tokens_per_s") / base["prefill_tokens_per_s"]
+        compacted, direct, gated = f"compacted@{level}", f"direct@{level}", f"gated@{level}"
+        predicted = base["multiply_adds"] / results["variants"][compacted]["multiply_adds"]
+        achieved = paired_ratio(samples, compacted, "plain", "prefill")
         results["levels"].append({
             "level": level, **entry,
-            "parameters_compacted": get("compacted", "parameters"),
+            "parameters_compacted": results["variants"][compacted]["parameters"],
             "predicted_prefill_speedup": predicted,
             "compacted_vs_plain_prefill": achieved,
-            "compacted_vs_plain_decode": get("compacted", "decode_tokens_per_s") / base["decode_tokens_per_s"],
+            "compacted_vs_plain_decode": paired_ratio(samples, compacted, "plain", "decode"),
             "achieved_over_predicted_speedup": achieved / predicted,
             "share_of_predicted_gain": None if predicted == 1 else (achieved - 1) / (predicted - 1),
-            "compacted_vs_direct_prefill": ratio(get("compacted", "prefill_tokens_per_s"), get("direct", "prefill_tokens_per_s")),
-            "compacted_vs_direct_decode": ratio(get("compacted", "decode_tokens_per_s"), get("direct", "decode_tokens_per_s")),
-            "gated_vs_plain_prefill": get("gated", "prefill_tokens_per_s") / base["prefill_tokens_per_s"],
-            "gated_vs_plain_decode": get("gated", "decode_tokens_per_s") / base["decode_tokens_per_s"],
+            "compacted_vs_direct_prefill": paired_ratio(samples, compacted, direct, "prefill"),
+            "compacted_vs_direct_decode": paired_ratio(samples, compacted, direct, "decode"),
+            "gated_vs_plain_prefill": paired_ratio(samples, gated, "plain", "prefill"),
+            "gated_vs_plain_decode": paired_ratio(samples, gated, "plain", "decode"),
         })
 
     os.makedirs(args.output_dir, exist_ok=True)
@@ -348,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def markdown(results: dict) -> str:
-    """Two markdown tables: medians per variant, and the ratios per pruning level."""
+    """Two markdown tables: throughput per variant, and the paired ratios per pruning level."""
     fmt = lambda value, spec=".3f": "n/a" if value is None else format(value, spec)  # noqa: E731
     settings = results["settings"]
     lines = [
@@ -362,15 +374,19 @@ def markdown(results: dict) -> str:
         f"{results['machine']['load_average_1min_before_after'][0]} before, "
         f"{results['machine']['load_average_1min_before_after'][1]} after.",
         "",
-        "| variant | parameters | prefill multiply-adds (G) | prefill tokens/s | decode tokens/s |",
+        "| variant | parameters | prefill multiply-adds (G) | prefill tokens/s (median, best) "
+        "| decode tokens/s (median, best) |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, variant in results["variants"].items():
         lines.append(
             f"| {name} | {variant['parameters']:,} | {variant['multiply_adds'] / 1e9:.2f} | "
-            f"{variant['prefill_tokens_per_s']:.1f} | {variant['decode_tokens_per_s']:.2f} |"
+            f"{variant['prefill_tokens_per_s']:.1f}, {variant['prefill_tokens_per_s_best']:.1f} | "
+            f"{variant['decode_tokens_per_s']:.2f}, {variant['decode_tokens_per_s_best']:.2f} |"
         )
     lines += [
+        "",
+        "Ratios are medians over rounds of the two variants' ratio within each round.",
         "",
         "| pruned | heads kept/layer | parameters (compacted) | predicted prefill speed-up | compacted/plain prefill "
         "| achieved/predicted | share of predicted gain | compacted/plain decode | compacted/direct prefill "

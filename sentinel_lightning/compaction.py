@@ -19,7 +19,8 @@ Per family (see ``gates.ADAPTERS``):
   ``c`` query heads appears ``c / g`` times and the layer's ``num_key_value_groups`` is ``g``. This is exact
   (rotary embeddings do not depend on the head), keeps the stock attention modules and every attention
   implementation (eager, SDPA, flash), and costs only the duplicated rows of ``k_proj``/``v_proj`` and their
-  cache; a layer whose groups stay equal duplicates nothing.
+  cache; a layer whose groups stay equal duplicates nothing. On SmolLM2 (9 query heads in 3 groups), keeping 5 or 6
+  heads per layer usually leaves unequal groups and 5 or 6 key/value heads instead of 3 (see ``docs/speed.md``).
 
 A layer whose heads are all pruned gets an ``EmptyAttention``: no projection, no attention, its output is the
 output projection's bias (or zero). It still writes a one-number-per-token placeholder into the key/value cache
@@ -30,8 +31,10 @@ that layer ``l`` kept and ``config.kept_key_value_heads[l]`` the original key/va
 heads (duplicates included; equal to ``kept_heads[l]`` for families without grouped-query attention).
 ``load_pruned`` rebuilds the model from these. When every layer keeps the same numbers of query and key/value
 heads (Llama family, whose config has an explicit ``head_dim``), ``num_attention_heads`` and
-``num_key_value_heads`` are rewritten as well, so the directory also loads with plain
-``AutoModelForCausalLM.from_pretrained``.
+``num_key_value_heads`` are rewritten as well (where the config class accepts them: ``LlamaConfig`` wants
+``hidden_size`` to be a multiple of ``num_attention_heads``), so the directory also loads with plain
+``AutoModelForCausalLM.from_pretrained``. Other directories make ``from_pretrained`` fail on the weights' shapes
+rather than load wrong weights.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.pytorch_utils import Conv1D
 
@@ -57,6 +60,7 @@ from sentinel_lightning.gates import (
     find_gates,
     head_shape,
 )
+from sentinel_lightning.pretrained import forget_quantization
 
 GROUPED_QUERY_FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -78,7 +82,8 @@ class EmptyAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
         """Maps ``hidden_states`` ``[batch, seq, hidden]`` to the constant ``[batch, seq, hidden]`` output."""
-        cache = next((kwargs[key] for key in ("cache", "past_key_values", "layer_past") if kwargs.get(key) is not None), None)
+        names = ("cache", "past_key_values", "layer_past")  # what the families call it
+        cache = next((kwargs[name] for name in names if kwargs.get(name) is not None), None)
         if cache is not None:
             cache = getattr(cache, "self_attention_cache", cache)  # GPT-2's encoder-decoder cache
             # The cache counts tokens by the sequence length of its keys, from the first layer: keep it counting.
@@ -108,7 +113,8 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def _weights(model: nn.Module) -> list[nn.Parameter]:
-    gate_parameters = {id(p) for module in model.modules() if isinstance(module, HeadGates) for p in module.parameters()}
+    gates = [module for module in model.modules() if isinstance(module, HeadGates)]
+    gate_parameters = {id(parameter) for module in gates for parameter in module.parameters()}
     return [parameter for parameter in model.parameters() if id(parameter) not in gate_parameters]
 
 
@@ -152,7 +158,7 @@ def compact(model: nn.Module) -> PreTrainedModel:
             "only: load the model de-quantised."
         )
     compacted = copy.deepcopy(source)
-    _forget_quantization(compacted)
+    forget_quantization(compacted)
     gates = find_gates(compacted)
     if gates is None:
         return compacted.eval()
@@ -172,7 +178,9 @@ def compact(model: nn.Module) -> PreTrainedModel:
     kept_heads, kept_kv_heads = [], []
     for index, layer in enumerate(decoder_layers(compacted)):
         kept = active[index].nonzero().flatten().tolist()
-        kv_sources = _key_value_sources(kept, num_heads, num_kv_heads) if adapter.family in GROUPED_QUERY_FAMILIES else kept
+        kv_sources = kept
+        if adapter.family in GROUPED_QUERY_FAMILIES:
+            kv_sources = _key_value_sources(kept, num_heads, num_kv_heads)
         attention = getattr(layer, adapter.attention)
         tensors = _SLICERS[adapter.family](attention, kept, kv_sources, values[index, kept], head_dim)
         if len(kept) < num_heads or len(kv_sources) != num_kv_heads:
@@ -185,21 +193,11 @@ def compact(model: nn.Module) -> PreTrainedModel:
     return compacted.eval()
 
 
-def _forget_quantization(model: PreTrainedModel) -> None:
-    """Drops what a de-quantised (GGUF) load leaves behind, so the copy casts and saves like any float model."""
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    for name in ("is_quantized", "quantization_method"):
-        if name in vars(model):
-            delattr(model, name)
-
-
 def _num_kv_heads(model: PreTrainedModel) -> int:
     return getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
 
 
-def _previous_record(model: PreTrainedModel, num_layers: int, num_heads: int) -> tuple[list[list[int]], list[list[int]]]:
+def _previous_record(model: PreTrainedModel, num_layers: int, num_heads: int) -> tuple[list, list]:
     """The original heads of each current head, when ``model`` was compacted before, else the identity."""
     kept = getattr(model.config, "kept_heads", None)
     if kept is None:
@@ -247,7 +245,8 @@ def _record(config, family: str, kept_heads: list[list[int]], kept_kv_heads: lis
     if num_heads == 0:
         return
     missing = object()
-    before = {name: getattr(config, name, missing) for name in ("num_attention_heads", "num_key_value_heads", "head_dim")}
+    names = ("num_attention_heads", "num_key_value_heads", "head_dim")
+    before = {name: getattr(config, name, missing) for name in names}
     config.num_attention_heads, config.num_key_value_heads, config.head_dim = num_heads, num_kv_heads, head_dim
     try:
         config.validate()
@@ -280,7 +279,10 @@ def _empty_tensors(output: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _slice_gpt2(attention, kept, kv_sources, scale, head_dim) -> dict[str, torch.Tensor]:
-    """``c_attn`` weight ``[hidden, 3 * H * D]`` (``Conv1D`` stores ``[in, out]``), ``c_proj`` weight ``[H * D, hidden]``."""
+    """GPT-2: ``c_attn`` weight ``[hidden, 3 * H * D]`` (``Conv1D`` is ``[in, out]``), ``c_proj`` ``[H * D, hidden]``.
+
+    Returns the new tensors by parameter name (relative to ``attention``); the same for every ``_slice_*``.
+    """
     if not kept:
         return _empty_tensors(attention.c_proj)
     width = attention.c_proj.weight.shape[0]  # H * D
@@ -300,7 +302,8 @@ def _slice_separate(attention, kept, kv_sources, scale, head_dim, names) -> dict
     query, key, value, output = names
     if not kept:
         return _empty_tensors(getattr(attention, output))
-    rows = {query: _head_features(kept, head_dim), key: _head_features(kv_sources, head_dim), value: _head_features(kv_sources, head_dim)}
+    kv_rows = _head_features(kv_sources, head_dim)
+    rows = {query: _head_features(kept, head_dim), key: kv_rows, value: kv_rows}
     tensors = {}
     for name, index in rows.items():
         projection = getattr(attention, name)
@@ -316,7 +319,8 @@ def _slice_separate(attention, kept, kv_sources, scale, head_dim, names) -> dict
 
 
 def _slice_gpt_neox(attention, kept, kv_sources, scale, head_dim) -> dict[str, torch.Tensor]:
-    """``query_key_value`` weight ``[H * 3 * D, hidden]``, rows laid out ``[H, 3, D]``; ``dense`` ``[hidden, H * D]``."""
+    """GPT-NeoX: ``query_key_value`` weight ``[H * 3 * D, hidden]``, rows ``[H, 3 (q, k, v), D]``; ``dense``
+    ``[hidden, H * D]``."""
     if not kept:
         return _empty_tensors(attention.dense)
     fused = attention.query_key_value
@@ -373,7 +377,9 @@ def _linear(reference: nn.Linear, in_features: int, out_features: int) -> nn.Lin
     return _empty_like(lambda: nn.Linear(in_features, out_features, bias=bias), reference)
 
 
-def _resized_attention(attention: nn.Module, family: str, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int) -> nn.Module:
+def _resized_attention(
+    attention: nn.Module, family: str, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int
+) -> nn.Module:
     """Gives ``attention`` uninitialised projections for ``num_heads`` query and ``num_kv_heads`` key/value heads.
 
     Sets the attributes its forward reads. Returns the module to put in the decoder layer: ``attention`` itself,
@@ -426,9 +432,13 @@ def _rebuild_layers(model: PreTrainedModel) -> None:
     _, _, head_dim = head_shape(model)
     for index, (layer, heads, kv_heads) in enumerate(zip(layers, kept_heads, kept_kv_heads)):
         if heads and len(heads) % max(len(kv_heads), 1):
-            raise ValueError(f"Layer {index} keeps {len(heads)} query heads, not a multiple of its {len(kv_heads)} key/value heads.")
+            raise ValueError(
+                f"config.kept_heads: layer {index} keeps {len(heads)} query heads, not a multiple of its "
+                f"{len(kv_heads)} key/value heads."
+            )
         attention = getattr(layer, adapter.attention)
-        setattr(layer, adapter.attention, _resized_attention(attention, adapter.family, index, len(heads), len(kv_heads), head_dim))
+        resized = _resized_attention(attention, adapter.family, index, len(heads), len(kv_heads), head_dim)
+        setattr(layer, adapter.attention, resized)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -445,7 +455,8 @@ def _without_quantization_config(model: PreTrainedModel):
     quantized = [name for name, p in model.named_parameters() if not p.is_floating_point()]
     if quantized:
         raise ValueError(
-            f"model holds quantised weights ({quantized[:3]}...); save_pruned saves de-quantised (floating point) models only."
+            f"model holds quantised weights ({quantized[:3]}...); save_pruned saves de-quantised (floating point) "
+            "models only."
         )
     saved = config.quantization_config, getattr(model, "hf_quantizer", None)
     del config.quantization_config
@@ -507,7 +518,8 @@ def load_pruned(directory: str, **kwargs: Any) -> PreTrainedModel:
     model, info = pruned_class.from_pretrained(directory, config=config, output_loading_info=True, **kwargs)
     problems = {key: sorted(value) for key, value in info.items() if key != "error_msgs" and value}
     if problems or info.get("error_msgs"):
-        raise ValueError(f"The weights in {directory!r} do not fit its config: {problems} {info.get('error_msgs') or ''}")
+        errors = info.get("error_msgs") or ""
+        raise ValueError(f"The weights in {directory!r} do not fit its config: {problems} {errors}")
     model.__class__ = base  # an ordinary model again, which saves as its own architecture
     return model.eval()
 

@@ -55,11 +55,19 @@ def load_causal_lm(model: str | None = None, gguf_file: str | None = None, **kwa
         loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, **kwargs)
     except (OSError, ValueError) as error:
         raise _explain(error, model) from error
-    # A de-quantised GGUF model is an ordinary fp32 model: forget the GGUF origin so it saves like one.
-    if getattr(loaded.config, "quantization_config", None) is not None and gguf is not None:
-        del loaded.config.quantization_config
-        loaded.hf_quantizer = None
+    if gguf is not None:  # a de-quantised GGUF model is an ordinary fp32 model
+        forget_quantization(loaded)
     return loaded
+
+
+def forget_quantization(model: PreTrainedModel) -> None:
+    """Drops what a de-quantised (GGUF) load leaves behind, so the model casts and saves like any float model."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    for name in ("is_quantized", "quantization_method"):
+        if name in vars(model):
+            delattr(model, name)
 
 
 def load_tokenizer(model: str | None = None, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
