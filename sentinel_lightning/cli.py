@@ -33,7 +33,7 @@ FUNCTION_COMMANDS = {"export": export_checkpoint, "evaluate": evaluate}
 # The main job's defaults: a fine-tune-with-pruning run that finishes in minutes on a 2-core CPU.
 TRAINER_DEFAULTS = {
     "max_epochs": 4,
-    "limit_train_batches": 8,
+    "limit_train_batches": 6,
     "limit_val_batches": 8,
     "log_every_n_steps": 1,
     "gradient_clip_val": 1.0,
