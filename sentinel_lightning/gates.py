@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 GATES_ATTRIBUTE = "head_gates"
 
@@ -228,6 +229,20 @@ def detach_gates(model: nn.Module) -> None:
         delattr(model, GATES_ATTRIBUTE)
 
 
+def find_causal_lm(module: nn.Module) -> PreTrainedModel:
+    """The Hugging Face model inside ``module``: the module itself, or the first ``PreTrainedModel`` it holds.
+
+    The one unwrapper of the library: a ``GatedLanguageModel``, a user's own LightningModule or a plain model.
+    """
+    for submodule in module.modules():  # the module itself comes first
+        if isinstance(submodule, PreTrainedModel):
+            return submodule
+    raise ValueError(
+        f"{type(module).__name__} holds no Hugging Face PreTrainedModel; pass a causal LM or a LightningModule "
+        "(such as GatedLanguageModel) that holds one."
+    )
+
+
 def gated_model(module: nn.Module) -> nn.Module | None:
     """Returns the model inside ``module`` that carries the ``HeadGates`` (the one ``attach_gates`` was given)."""
     for submodule in module.modules():
@@ -241,15 +256,14 @@ def find_or_attach_gates(module: nn.Module) -> HeadGates:
 
     This lets the callbacks work on a user's own LightningModule that holds a plain Hugging Face model.
     """
-    from transformers import PreTrainedModel
-
     gates = find_gates(module)
     if gates is not None:
         return gates
-    for submodule in module.modules():
-        if isinstance(submodule, PreTrainedModel):
-            return attach_gates(submodule)
-    raise ValueError(
-        f"{type(module).__name__} holds no HeadGates and no transformers.PreTrainedModel to attach them to; "
-        "give it a Hugging Face causal LM or call attach_gates(model) yourself."
-    )
+    try:
+        causal_lm = find_causal_lm(module)
+    except ValueError as error:
+        raise ValueError(
+            f"{type(module).__name__} holds no HeadGates and no transformers.PreTrainedModel to attach them to; "
+            "give it a Hugging Face causal LM or call attach_gates(model) yourself."
+        ) from error
+    return attach_gates(causal_lm)

@@ -6,7 +6,7 @@ same answer on every DDP rank, weighted by every rank's tokens or steps.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,33 @@ def causal_lm_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[
     shifted_labels = labels[:, 1:].flatten()  # [batch * (seq - 1)]
     total = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return total, (shifted_labels != IGNORE_INDEX).sum()
+
+
+def causal_lm_nll(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one measurement contract: summed next-token NLL of a batch and the number of tokens it predicts.
+
+    One masking rule everywhere (training, validation, evaluation, calibration): a position is not predicted
+    when its label is -100 or its ``attention_mask`` is 0 (padding).
+
+    Args:
+        model: A Hugging Face causal LM (gated or not); the batch is moved to its device.
+        batch: ``input_ids`` ``[batch, seq]``, optionally ``attention_mask`` ``[batch, seq]`` (1 = token) and
+            ``labels`` ``[batch, seq]`` (default: ``input_ids``).
+
+    Returns:
+        The summed loss (a scalar, fp32, differentiable) and the count of predicted tokens (a scalar).
+    """
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise TypeError(f"batch must be a dict with 'input_ids' (and optionally 'attention_mask', 'labels'); got {type(batch).__name__}.")
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    labels = batch.get("labels", input_ids).to(device)
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+        labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return causal_lm_token_losses(logits, labels)
 
 
 class Perplexity(Metric):
