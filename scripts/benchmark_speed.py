@@ -13,7 +13,8 @@ in one process, in interleaved rounds (every round times every variant once), re
   are unequal), so the config takes the most common key/value head count and any layer that differs gets an
   attention module built by transformers from a config with that layer's counts. The two models then hold
   matrices of exactly the same shapes: the comparison isolates whatever compaction itself costs. It needs a
-  config with an explicit ``head_dim`` (Llama, Mistral, Qwen2); other families report no direct model.
+  config with an explicit ``head_dim`` (``AttentionFamily.config_has_head_dim``: Llama, Mistral, Qwen2); other
+  families report no direct model.
 
 Measured: prefill throughput (one forward pass over ``batch x length`` tokens, tokens/s) and decode speed (greedy
 ``generate`` from a short prompt with the key/value cache, batch 1, exactly ``decode_tokens`` new tokens, new
@@ -46,15 +47,15 @@ import time
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from sentinel_lightning.compaction import GROUPED_QUERY_FAMILIES, compact, count_parameters
-from sentinel_lightning.gates import adapter_for, attach_gates, decoder_layers, head_shape
+from sentinel_lightning.compaction import compact, count_parameters
+from sentinel_lightning.families import family_of, head_shape, num_key_value_heads
+from sentinel_lightning.gates import HeadGates, attach_gates
 from sentinel_lightning.metrics import measure_head_metrics
 from sentinel_lightning.strategies import resolve_strategy, select_heads
-
-QUICK_VOCAB = 260  # byte-level token ids fit
+from sentinel_lightning.tiny import tiny_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,14 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def quick_model(attn_implementation: str | None) -> PreTrainedModel:
-    """A tiny grouped-query Llama (4 layers, 6 query heads in 2 groups) built from a config."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=QUICK_VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=4, num_attention_heads=6,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return AutoModelForCausalLM.from_config(config, **kwargs)
+    """A tiny grouped-query Llama (4 layers, 6 query heads of 16 in 2 groups, width 96) from ``tiny_model``."""
+    model = tiny_model("llama", num_layers=4, num_heads=6, num_kv_heads=2, width=96)
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    return model
 
 
 def corpus_blocks(args: argparse.Namespace, count: int, length: int) -> torch.Tensor:
@@ -123,8 +121,7 @@ def per_layer_heads(model: PreTrainedModel) -> list[tuple[int, int]]:
     num_layers, num_heads, _ = head_shape(model)
     kept = getattr(model.config, "kept_heads", None)
     if kept is None:
-        num_kv = getattr(model.config, "num_key_value_heads", None) or num_heads
-        return [(num_heads, num_kv)] * num_layers
+        return [(num_heads, num_key_value_heads(model))] * num_layers
     return [(len(heads), len(kv)) for heads, kv in zip(kept, model.config.kept_key_value_heads)]
 
 
@@ -133,9 +130,9 @@ def build_direct(plain: PreTrainedModel, compacted: PreTrainedModel) -> PreTrain
 
     Returns None for a family whose config has no explicit ``head_dim`` (fewer heads would change the width).
     """
-    family = adapter_for(plain).family
+    family = family_of(plain)
     shapes = per_layer_heads(compacted)
-    if family not in GROUPED_QUERY_FAMILIES or any(num_heads == 0 for num_heads, _ in shapes):
+    if not family.config_has_head_dim or any(num_heads == 0 for num_heads, _ in shapes):
         return None
     _, _, head_dim = head_shape(plain)
     torch.manual_seed(0)
@@ -150,14 +147,19 @@ def build_direct(plain: PreTrainedModel, compacted: PreTrainedModel) -> PreTrain
 
     common = collections.Counter(shapes).most_common(1)[0][0]
     direct = AutoModelForCausalLM.from_config(config_with(*common), dtype=plain.dtype)
-    attribute = adapter_for(direct).attention
-    for index, (layer, shape) in enumerate(zip(decoder_layers(direct), shapes)):
+    for index, (layer, shape) in enumerate(zip(family.decoder_layers(direct), shapes)):
         if shape != common:
-            attention = getattr(layer, attribute)
+            attention = family.attention_of(layer)
             rebuilt = type(attention)(config_with(*shape), index).to(plain.dtype)
             rebuilt.config = direct.config  # the attention implementation is read from the model's config
-            setattr(layer, attribute, rebuilt)
+            family.set_attention(layer, rebuilt)
     return direct.eval()
+
+
+def set_pruned(gates: HeadGates, pruned: list[tuple[int, int]]) -> None:
+    """Makes ``pruned`` (``(layer, head)`` pairs) exactly the gated model's pruned heads, through the gates' API."""
+    gates.reactivate(gates.pruned_heads())
+    gates.prune(pruned)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,18 +261,15 @@ def main(argv: list[str] | None = None) -> dict:
     for level in args.levels:
         per_layer = min(round(level * num_heads), num_heads - 1)
         pruned = select_heads(scores, all_active, per_layer * num_layers, scope="layer", min_active_heads_per_layer=1)
-        mask = all_active.clone()
-        for layer, head in pruned:
-            mask[layer, head] = False
-        gates.active.copy_(mask)
+        set_pruned(gates, pruned)
         compacted = compact(gated)
         direct = build_direct(plain, compacted)
         levels.append({
             "level": level, "heads_pruned_per_layer": per_layer, "heads_kept_per_layer": num_heads - per_layer,
-            "sparsity": len(pruned) / (num_layers * num_heads), "mask": mask,
+            "sparsity": len(pruned) / (num_layers * num_heads), "pruned": pruned,
             "key_value_heads_per_layer": [kv for _, kv in per_layer_heads(compacted)],
         })
-        variants[f"gated@{level}"] = (gated, mask)
+        variants[f"gated@{level}"] = (gated, pruned)
         variants[f"compacted@{level}"] = (compacted, None)
         if direct is not None:
             variants[f"direct@{level}"] = (direct, None)
@@ -288,9 +287,9 @@ def main(argv: list[str] | None = None) -> dict:
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
                 progress.update(task, description=f"round {round_index + 1}/{rounds}: {name}")
-                model, mask = variants[name]
-                if mask is not None:
-                    gates.active.copy_(mask)
+                model, pruned = variants[name]
+                if pruned is not None:
+                    set_pruned(gates, pruned)
                 prefill = time_prefill(model, prefill_ids)
                 decode = time_decode(model, prompt, args.decode_tokens, pad_token_id)
                 if round_index >= args.warmup:
@@ -332,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = results["variants"]["plain"]
     for entry in levels:
         level = entry.pop("level")
-        entry.pop("mask")
+        entry.pop("pruned")
         compacted, direct, gated = f"compacted@{level}", f"direct@{level}", f"gated@{level}"
         predicted = base["multiply_adds"] / results["variants"][compacted]["multiply_adds"]
         achieved = paired_ratio(samples, compacted, "plain", "prefill")

@@ -5,89 +5,27 @@ the projection's input ``[batch, seq, num_heads * head_dim]`` is viewed as ``[ba
 and head ``h`` of layer ``l`` is multiplied by ``values[l, h] * active[l, h]``. With every gate at 1.0 the model
 computes exactly what the plain model computes, whatever attention implementation (eager, SDPA, flash) it runs.
 
-The adapters in this module are the only place that knows model families; everything else speaks
-``[num_layers, num_heads]``.
+``families.py`` is the only place that knows model families; everything else speaks ``[num_layers, num_heads]``.
+``head_shape``, ``decoder_layers``, ``attention_modules`` and ``output_projections`` are importable from here too
+while callers move to ``sentinel_lightning.families``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from sentinel_lightning.families import (  # noqa: F401 (re-exported while callers move to families)
+    attention_modules,
+    decoder_layers,
+    head_shape,
+    output_projections,
+)
+
 GATES_ATTRIBUTE = "head_gates"
-
-
-@dataclass(frozen=True)
-class AttentionAdapter:
-    """Where one model family keeps its attention heads.
-
-    Attributes:
-        family: Name of the family, used by compaction to choose its weight surgery.
-        layers: Dotted path from the causal LM to the list of decoder layers.
-        attention: Attribute of a decoder layer that holds the attention module.
-        output_projection: Attribute of the attention module that holds the output projection.
-    """
-
-    family: str
-    layers: str
-    attention: str
-    output_projection: str
-
-
-_LLAMA_LIKE = dict(layers="model.layers", attention="self_attn", output_projection="o_proj")
-
-ADAPTERS: dict[str, AttentionAdapter] = {
-    "gpt2": AttentionAdapter("gpt2", layers="transformer.h", attention="attn", output_projection="c_proj"),
-    "llama": AttentionAdapter("llama", **_LLAMA_LIKE),
-    "mistral": AttentionAdapter("mistral", **_LLAMA_LIKE),
-    "qwen2": AttentionAdapter("qwen2", **_LLAMA_LIKE),
-    "opt": AttentionAdapter("opt", layers="model.decoder.layers", attention="self_attn", output_projection="out_proj"),
-    "gpt_neox": AttentionAdapter("gpt_neox", layers="gpt_neox.layers", attention="attention", output_projection="dense"),
-}
-
-
-def adapter_for(model: nn.Module) -> AttentionAdapter:
-    """Returns the adapter of a Hugging Face causal LM, or raises a clear error for an unsupported one."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ADAPTERS:
-        raise ValueError(
-            f"Unsupported model {type(model).__name__} (model_type={model_type!r}): sentinel-lightning gates the "
-            f"attention heads of these families: {', '.join(sorted(ADAPTERS))}."
-        )
-    return ADAPTERS[model_type]
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """Returns the decoder layers of a supported causal LM, in order."""
-    module = model
-    for name in adapter_for(model).layers.split("."):
-        module = getattr(module, name)
-    return list(module)
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Returns the self-attention module of every decoder layer, in order."""
-    attribute = adapter_for(model).attention
-    return [getattr(layer, attribute) for layer in decoder_layers(model)]
-
-
-def output_projections(model: nn.Module) -> list[nn.Module]:
-    """Returns the attention output projection of every decoder layer, in order."""
-    attribute = adapter_for(model).output_projection
-    return [getattr(attention, attribute) for attention in attention_modules(model)]
-
-
-def head_shape(model: nn.Module) -> tuple[int, int, int]:
-    """Returns ``(num_layers, num_heads, head_dim)`` of a supported causal LM."""
-    num_layers = len(decoder_layers(model))  # raises the unsupported-model error first
-    config = model.config
-    num_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    return num_layers, num_heads, head_dim
 
 
 class HeadGates(nn.Module):
@@ -199,10 +137,12 @@ def attach_gates(model: nn.Module) -> HeadGates:
     """Puts one gate on every attention head of a Hugging Face causal LM.
 
     The gates become the submodule ``model.head_gates``, so they travel in ``model.state_dict()`` and in
-    Lightning checkpoints. Attaching twice returns the gates already there.
+    Lightning checkpoints. The handles of the hooks registered here are kept in the plain list
+    ``gates._hook_handles`` (not in the state dict; ``copy.deepcopy`` and pickling keep them pointing at the
+    copy's hooks), which ``detach_gates`` removes them through. Attaching twice returns the gates already there.
 
     Args:
-        model: A causal LM of a supported family (see ``ADAPTERS``).
+        model: A causal LM of a supported family (see ``families.FAMILIES``).
 
     Returns:
         The model's ``HeadGates``, values ``[num_layers, num_heads]`` all 1.0.
@@ -214,19 +154,25 @@ def attach_gates(model: nn.Module) -> HeadGates:
     reference = next(model.parameters())
     gates = HeadGates(num_layers, num_heads, head_dim).to(reference.device)
     model.add_module(GATES_ATTRIBUTE, gates)
-    for layer, projection in enumerate(output_projections(model)):
+    gates._hook_handles = [
         projection.register_forward_pre_hook(_GateHook(gates, layer))
+        for layer, projection in enumerate(output_projections(model))
+    ]
     return gates
 
 
 def detach_gates(model: nn.Module) -> None:
-    """Removes the gates and their hooks from ``model`` (does not fold them into the weights)."""
-    for projection in output_projections(model):
-        for key, hook in list(projection._forward_pre_hooks.items()):
-            if isinstance(hook, _GateHook):
-                del projection._forward_pre_hooks[key]
-    if hasattr(model, GATES_ATTRIBUTE):
-        delattr(model, GATES_ATTRIBUTE)
+    """Removes the gates ``attach_gates`` put on ``model`` and exactly the hooks it registered.
+
+    Does not fold the gates into the weights (``compaction.compact`` does). Other hooks stay.
+    """
+    gates = getattr(model, GATES_ATTRIBUTE, None)
+    if not isinstance(gates, HeadGates):
+        return
+    for handle in getattr(gates, "_hook_handles", ()):
+        handle.remove()
+    gates._hook_handles = []
+    delattr(model, GATES_ATTRIBUTE)
 
 
 def find_causal_lm(module: nn.Module) -> PreTrainedModel:

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+from conftest import VOCAB
 
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "benchmark_speed.py")
 
@@ -56,6 +57,6 @@ def test_multiply_adds_of_the_quick_model(speed_script):
     model = speed_script.quick_model(None)  # 4 layers, hidden 96, 6 query heads and 2 key/value heads of 16, MLP 192
     batch, length = 2, 10
     tokens = batch * length
-    per_token = 4 * (96 * 96 + 2 * 96 * 32 + 96 * 96 + 3 * 96 * 192) + 96 * speed_script.QUICK_VOCAB
+    per_token = 4 * (96 * 96 + 2 * 96 * 32 + 96 * 96 + 3 * 96 * 192) + 96 * VOCAB
     scores = 4 * 2 * 6 * 16 * batch * (length * (length + 1) // 2)
     assert speed_script.multiply_adds(model, batch, length) == tokens * per_token + scores

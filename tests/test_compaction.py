@@ -10,19 +10,12 @@ from transformers import AutoModelForCausalLM
 from transformers.utils.quantization_config import GgufConfig
 
 from sentinel_lightning import GatedLanguageModel
-from sentinel_lightning.compaction import (
-    EmptyAttention,
-    _key_value_sources,
-    compact,
-    count_parameters,
-    export_checkpoint,
-    load_pruned,
-    save_pruned,
-    weight_bytes,
-)
-from sentinel_lightning.gates import attach_gates, attention_modules, find_gates
+from sentinel_lightning.compaction import compact, count_parameters, export_checkpoint, weight_bytes
+from sentinel_lightning.families import FAMILIES, EmptyAttention, attention_modules
+from sentinel_lightning.gates import attach_gates, find_gates
+from sentinel_lightning.saving import load_pruned, save_pruned
 
-GROUPED = ("llama", "mistral", "qwen2")
+GROUPED = tuple(name for name, entry in FAMILIES.items() if entry.grouped_query)
 
 
 def pruned_model(family: str, attn_implementation: str = "sdpa"):
@@ -98,7 +91,7 @@ def test_compact_takes_a_lightning_module(tokens):
     ],
 )
 def test_key_value_sources_make_groups_uniform(kept, expected):
-    assert _key_value_sources(kept, num_heads=9, num_kv_heads=3) == expected
+    assert FAMILIES["llama"].key_value_sources(kept, num_heads=9, num_kv_heads=3) == expected
 
 
 def test_save_and_load_pruned_round_trip(family, tokens, tmp_path):

@@ -5,15 +5,8 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_model
 
-from sentinel_lightning.gates import (
-    HeadGates,
-    attach_gates,
-    detach_gates,
-    find_gates,
-    find_or_attach_gates,
-    head_shape,
-    output_projections,
-)
+from sentinel_lightning.families import head_shape, output_projections
+from sentinel_lightning.gates import HeadGates, attach_gates, detach_gates, find_gates, find_or_attach_gates
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
@@ -28,7 +21,7 @@ def test_gates_at_one_give_the_plain_logits(family, tokens, implementation):
 
 def test_zero_gate_equals_zeroing_the_heads_slice(family, tokens):
     model = tiny_model(family)
-    _, num_heads, head_dim = head_shape(model)
+    _, _, head_dim = head_shape(model)
     layer, head = 1, 2
     projection = output_projections(model)[layer]
 

@@ -1,0 +1,462 @@
+"""The model families sentinel-lightning supports: the one place that knows how each one lays out its attention.
+
+Notation (as in nanoGPT / litgpt):
+
+- ``L``: decoder layers; ``H``: query heads per layer; ``K``: key/value heads per layer (``K == H`` without
+  grouped-query attention); ``G = H // K``: query heads per key/value head (the group size);
+  ``D``: head dim; ``C``: hidden size (the model's width); ``h``: the kept query heads of one layer.
+
+Query head ``q`` reads key/value head ``q // G``. Everything outside this module speaks ``[L, H]`` and asks the
+family (``family_of(model)``) where the layers, attention modules and output projections are, how to slice the
+projections for kept heads and how to resize an attention module. ``FAMILIES`` maps ``config.model_type`` to
+one ``AttentionFamily``; adding a family is one new entry there (plus its line in the parametrised tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, PretrainedConfig, Qwen2Config
+from transformers.pytorch_utils import Conv1D
+
+
+class EmptyAttention(nn.Module):
+    """The attention of a layer whose heads are all pruned: returns the output projection's bias, or zero.
+
+    It still writes a one-number-per-token placeholder into the key/value cache so that the cache knows how many
+    tokens it has seen (the cache counts tokens by the sequence length of its keys, from the first layer).
+
+    Args:
+        hidden_size: Width ``C`` of the model.
+        layer_idx: Index of the decoder layer, for the key/value cache.
+        bias: Whether the removed output projection had a bias (kept as ``self.bias``, ``[C]``).
+        cache_keywords: The keyword arguments under which the family's decoder layer passes the cache.
+    """
+
+    def __init__(self, hidden_size: int, layer_idx: int, bias: bool, cache_keywords: tuple[str, ...]) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.layer_idx = layer_idx
+        self.cache_keywords = tuple(cache_keywords)
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        """Maps ``hidden_states`` ``[B, T, C]`` to the constant output ``[B, T, C]`` (no attention weights)."""
+        cache = next((kwargs[name] for name in self.cache_keywords if kwargs.get(name) is not None), None)
+        if cache is not None:
+            cache = getattr(cache, "self_attention_cache", cache)  # GPT-2's encoder-decoder cache
+            placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)  # [B, 1, T, 1]
+            cache.update(placeholder, placeholder, self.layer_idx)
+        output = torch.zeros_like(hidden_states)  # [B, T, C]
+        if self.bias is not None:
+            output = output + self.bias
+        return output, None
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, bias={self.bias is not None}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensor helpers shared by the families' slicing and resizing
+
+
+def _head_features(heads: list[int], head_dim: int, offset: int = 0) -> torch.Tensor:
+    """Feature indices ``[len(heads) * D]`` of ``heads`` in a ``[H * D]`` layout starting at ``offset``."""
+    heads = torch.tensor(heads, dtype=torch.long).reshape(-1, 1)  # [h, 1]
+    return (offset + heads * head_dim + torch.arange(head_dim)).flatten()  # [h, D] -> [h * D]
+
+
+def _feature_scale(scale: torch.Tensor, head_dim: int, like: torch.Tensor) -> torch.Tensor:
+    """Each kept head's gate repeated over its features: ``[h]`` -> ``[h * D]``, on ``like``'s device and dtype."""
+    return scale.repeat_interleave(head_dim).to(device=like.device, dtype=like.dtype)
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    return getattr(module, "bias", None)
+
+
+def _out_features(projection: nn.Module) -> int:
+    """Output width of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (``nf``; its weight is ``[in, out]``)."""
+    return projection.out_features if isinstance(projection, nn.Linear) else projection.nf
+
+
+def _empty_like(factory, reference: nn.Module) -> nn.Module:
+    """Builds ``factory()`` without initialising it, on the device and dtype of ``reference``'s weight."""
+    with torch.device("meta"):
+        module = factory()
+    weight = reference.weight
+    return module.to_empty(device=weight.device).to(weight.dtype)
+
+
+def _linear(reference: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    """An uninitialised ``nn.Linear`` like ``reference`` (bias, device, dtype) with new sizes."""
+    bias = _bias(reference) is not None
+    return _empty_like(lambda: nn.Linear(in_features, out_features, bias=bias), reference)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The families
+
+
+class AttentionFamily:
+    """What sentinel-lightning needs to know about one model family; the shared behaviour of every family.
+
+    A subclass sets the class attributes and implements ``_slice_kept``, ``_resize_kept`` and ``tiny_config``.
+    Without grouped-query attention (the default here) a family has one key/value head per query head.
+
+    Attributes:
+        model_type: The ``config.model_type`` this entry serves.
+        layers: Dotted path from the causal LM to the list of decoder layers.
+        attention: Attribute of a decoder layer that holds the attention module.
+        output_projection: Attribute of the attention module that holds the output projection.
+        cache_keywords: Keyword arguments under which the decoder layer passes the key/value cache to the
+            attention module (what an ``EmptyAttention`` must read).
+        grouped_query: Whether query heads share key/value heads (``K <= H``, see ``key_value_sources``).
+        config_has_head_dim: Whether the config states ``head_dim`` explicitly, so that rewriting
+            ``num_attention_heads`` / ``num_key_value_heads`` describes fewer heads of the same ``D``.
+    """
+
+    model_type: str = ""
+    layers: str = ""
+    attention: str = ""
+    output_projection: str = ""
+    cache_keywords: tuple[str, ...] = ("cache", "past_key_values")
+    grouped_query: bool = False
+    config_has_head_dim: bool = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model_type={self.model_type!r})"
+
+    # Where things are
+
+    def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
+        """The ``L`` decoder layers of ``model``, in order."""
+        module = model
+        for name in self.layers.split("."):
+            module = getattr(module, name)
+        return list(module)
+
+    def attention_of(self, layer: nn.Module) -> nn.Module:
+        """The attention module of one decoder layer."""
+        return getattr(layer, self.attention)
+
+    def set_attention(self, layer: nn.Module, attention: nn.Module) -> None:
+        """Puts ``attention`` into a decoder layer in place of its attention module."""
+        setattr(layer, self.attention, attention)
+
+    def output_projection_of(self, attention: nn.Module) -> nn.Module:
+        """The output projection of an attention module: input ``[B, T, H * D]``, output ``[B, T, C]``."""
+        return getattr(attention, self.output_projection)
+
+    # Heads
+
+    def head_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        """``(L, H, D)`` of ``model``, as its config describes it."""
+        config = model.config
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        return len(self.decoder_layers(model)), num_heads, head_dim
+
+    def num_key_value_heads(self, config: PretrainedConfig) -> int:
+        """``K``, the key/value heads per layer that ``config`` describes (``H`` without grouped-query attention)."""
+        return config.num_attention_heads
+
+    def group_size(self, config: PretrainedConfig) -> int:
+        """``G = H // K``, the query heads that share one key/value head."""
+        return config.num_attention_heads // self.num_key_value_heads(config)
+
+    def key_value_sources(self, kept: list[int], num_heads: int, num_kv_heads: int) -> list[int]:
+        """The original key/value head of each key/value head a layer keeps with query heads ``kept``.
+
+        Without grouped-query attention every kept query head keeps its own key/value head.
+
+        Args:
+            kept: The kept query heads of one layer, ascending (``h`` of them).
+            num_heads: ``H`` of the layer before compaction.
+            num_kv_heads: ``K`` of the layer before compaction.
+
+        Returns:
+            Key/value head indices; kept query head ``i`` reads entry ``i // (h // len(result))``.
+        """
+        return list(kept)
+
+    # Weight surgery
+
+    def slice_heads(
+        self, attention: nn.Module, kept: list[int], kv_sources: list[int], scale: torch.Tensor, head_dim: int
+    ) -> dict[str, torch.Tensor]:
+        """The projections' tensors for the kept heads, the gates folded into the output projection.
+
+        Args:
+            attention: The attention module before resizing.
+            kept: Kept query heads (``h`` of them), ascending.
+            kv_sources: Original key/value head of each kept key/value head (see ``key_value_sources``).
+            scale: Gate value of each kept head, ``[h]``.
+            head_dim: ``D``.
+
+        Returns:
+            New tensors by parameter name relative to ``attention`` (to copy into the module ``resize`` returns);
+            only the output projection's bias when ``kept`` is empty.
+        """
+        if not kept:
+            bias = _bias(self.output_projection_of(attention))
+            return {} if bias is None else {"bias": bias.detach().clone()}
+        return self._slice_kept(attention, kept, kv_sources, scale, head_dim)
+
+    def resize(
+        self, attention: nn.Module, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int
+    ) -> nn.Module:
+        """Gives ``attention`` uninitialised projections for ``num_heads`` query and ``num_kv_heads`` kv heads.
+
+        Also sets the attributes the family's forward reads. Returns the module to put in the decoder layer:
+        ``attention`` itself, or an ``EmptyAttention`` when ``num_heads`` is 0.
+        """
+        if num_heads == 0:
+            return self.empty_attention(attention, layer_idx)
+        self._resize_kept(attention, num_heads, num_kv_heads, head_dim)
+        return attention
+
+    def empty_attention(self, attention: nn.Module, layer_idx: int) -> EmptyAttention:
+        """The ``EmptyAttention`` replacing ``attention`` when every head of layer ``layer_idx`` is pruned."""
+        output = self.output_projection_of(attention)
+        empty = EmptyAttention(_out_features(output), layer_idx, _bias(output) is not None, self.cache_keywords)
+        return empty.to(device=output.weight.device, dtype=output.weight.dtype)
+
+    def _slice_kept(self, attention, kept, kv_sources, scale, head_dim) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{self!r} does not implement _slice_kept.")
+
+    def _resize_kept(self, attention: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        raise NotImplementedError(f"{self!r} does not implement _resize_kept.")
+
+    # Tests
+
+    def tiny_config(self, num_layers: int, num_heads: int, num_kv_heads: int, width: int, **common) -> PretrainedConfig:
+        """A tiny config of this family (``tiny.tiny_config`` supplies ``common``: vocabulary and special tokens).
+
+        Args:
+            num_layers: ``L``.
+            num_heads: ``H``.
+            num_kv_heads: ``K`` (grouped-query families only).
+            width: ``C``.
+            **common: Keyword arguments every family's config takes.
+        """
+        raise NotImplementedError(f"{self!r} has no tiny config.")
+
+
+class GPT2Family(AttentionFamily):
+    """GPT-2: a fused ``c_attn`` ``Conv1D`` (weight ``[C, 3 * H * D]``: query, key and value sections) and ``c_proj``
+    (weight ``[H * D, C]``); the forward splits ``c_attn``'s output at ``split_size`` and views heads of ``D``."""
+
+    model_type, layers, attention, output_projection = "gpt2", "transformer.h", "attn", "c_proj"
+    cache_keywords = ("cache", "past_key_values", "layer_past")
+
+    def _slice_kept(self, attention, kept, kv_sources, scale, head_dim) -> dict[str, torch.Tensor]:
+        width = attention.c_proj.weight.shape[0]  # H * D
+        columns = torch.cat([_head_features(kept, head_dim, section * width) for section in range(3)])  # [3 * h * D]
+        rows = _head_features(kept, head_dim)  # [h * D]
+        output = attention.c_proj.weight  # [H * D, C]
+        return {
+            "c_attn.weight": attention.c_attn.weight[:, columns],  # [C, 3 * h * D]
+            "c_attn.bias": attention.c_attn.bias[columns],
+            "c_proj.weight": output[rows] * _feature_scale(scale, head_dim, output)[:, None],  # [h * D, C]
+            "c_proj.bias": attention.c_proj.bias,
+        }
+
+    def _resize_kept(self, attention: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        width, hidden = num_heads * head_dim, attention.c_attn.weight.shape[0]
+        attention.c_attn = _empty_like(lambda: Conv1D(3 * width, hidden), attention.c_attn)
+        attention.c_proj = _empty_like(lambda: Conv1D(hidden, width), attention.c_proj)
+        attention.split_size, attention.num_heads = width, num_heads
+
+    def tiny_config(self, num_layers: int, num_heads: int, num_kv_heads: int, width: int, **common) -> PretrainedConfig:
+        return GPT2Config(n_layer=num_layers, n_head=num_heads, n_embd=width, n_positions=256, **common)
+
+
+class GPTNeoXFamily(AttentionFamily):
+    """GPT-NeoX: a fused ``query_key_value`` ``nn.Linear`` whose weight ``[H * 3 * D, C]`` is laid out per head as
+    ``[H, 3 (q, k, v), D]`` rows (the forward views its output as ``[..., H, 3 * D]`` and chunks the last dimension
+    in three); ``dense`` weight ``[C, H * D]``."""
+
+    model_type, layers, attention, output_projection = "gpt_neox", "gpt_neox.layers", "attention", "dense"
+    cache_keywords = ("cache", "past_key_values", "layer_past")
+
+    def _slice_kept(self, attention, kept, kv_sources, scale, head_dim) -> dict[str, torch.Tensor]:
+        fused = attention.query_key_value
+        index = torch.tensor(kept, dtype=torch.long)  # [h]
+        # [H * 3 * D, C] -> [H, 3 * D, C] -> [h, 3 * D, C] -> [h * 3 * D, C]
+        tensors = {"query_key_value.weight": fused.weight.unflatten(0, (-1, 3 * head_dim))[index].flatten(0, 1)}
+        if _bias(fused) is not None:  # [H * 3 * D] -> [H, 3 * D] -> [h, 3 * D] -> [h * 3 * D]
+            tensors["query_key_value.bias"] = fused.bias.unflatten(0, (-1, 3 * head_dim))[index].flatten()
+        weight = attention.dense.weight  # [C, H * D]
+        tensors["dense.weight"] = weight[:, _head_features(kept, head_dim)] * _feature_scale(scale, head_dim, weight)
+        if _bias(attention.dense) is not None:
+            tensors["dense.bias"] = attention.dense.bias
+        return tensors
+
+    def _resize_kept(self, attention: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        width, hidden = num_heads * head_dim, attention.query_key_value.in_features
+        attention.query_key_value = _linear(attention.query_key_value, hidden, 3 * width)
+        attention.dense = _linear(attention.dense, width, hidden)
+
+    def tiny_config(self, num_layers: int, num_heads: int, num_kv_heads: int, width: int, **common) -> PretrainedConfig:
+        return GPTNeoXConfig(
+            num_hidden_layers=num_layers, num_attention_heads=num_heads, hidden_size=width,
+            intermediate_size=2 * width, **common,
+        )
+
+
+class SeparateProjectionsFamily(AttentionFamily):
+    """Separate ``q_proj``, ``k_proj``, ``v_proj`` (weights ``[H * D, C]``, ``[K * D, C]``, ``[K * D, C]``) and an
+    output ``nn.Linear`` (weight ``[C, H * D]``): OPT and the Llama family share this surgery."""
+
+    attention = "self_attn"
+
+    def _slice_kept(self, attention, kept, kv_sources, scale, head_dim) -> dict[str, torch.Tensor]:
+        kv_rows = _head_features(kv_sources, head_dim)  # [k * D]
+        rows = {"q_proj": _head_features(kept, head_dim), "k_proj": kv_rows, "v_proj": kv_rows}
+        tensors = {}
+        for name, index in rows.items():
+            projection = getattr(attention, name)
+            tensors[f"{name}.weight"] = projection.weight[index]  # [h * D or k * D, C]
+            if _bias(projection) is not None:
+                tensors[f"{name}.bias"] = projection.bias[index]
+        name, projection = self.output_projection, self.output_projection_of(attention)
+        weight = projection.weight  # [C, H * D]
+        tensors[f"{name}.weight"] = weight[:, _head_features(kept, head_dim)] * _feature_scale(scale, head_dim, weight)
+        if _bias(projection) is not None:
+            tensors[f"{name}.bias"] = projection.bias
+        return tensors
+
+    def _resize_kept(self, attention: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        output, hidden = self.output_projection_of(attention), attention.q_proj.in_features
+        attention.q_proj = _linear(attention.q_proj, hidden, num_heads * head_dim)
+        attention.k_proj = _linear(attention.k_proj, hidden, num_kv_heads * head_dim)
+        attention.v_proj = _linear(attention.v_proj, hidden, num_kv_heads * head_dim)
+        setattr(attention, self.output_projection, _linear(output, num_heads * head_dim, output.out_features))
+
+
+class OPTFamily(SeparateProjectionsFamily):
+    """OPT: separate projections, ``K == H``; the forward views heads with ``num_heads``."""
+
+    model_type, layers, output_projection = "opt", "model.decoder.layers", "out_proj"
+
+    def _resize_kept(self, attention: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super()._resize_kept(attention, num_heads, num_kv_heads, head_dim)
+        attention.num_heads = num_heads
+
+    def tiny_config(self, num_layers: int, num_heads: int, num_kv_heads: int, width: int, **common) -> PretrainedConfig:
+        return OPTConfig(
+            num_hidden_layers=num_layers, num_attention_heads=num_heads, hidden_size=width,
+            ffn_dim=2 * width, word_embed_proj_dim=width, **common,
+        )
+
+
+class GroupedQueryFamily(SeparateProjectionsFamily):
+    """Llama, Mistral, Qwen2: grouped-query attention, query head ``q`` reads key/value head ``q // G``.
+
+    Query heads are removed one by one and a key/value head only when every query head of its group is pruned.
+    The kept groups may then hold different numbers of query heads (say 3, 1 and 2), which one
+    ``num_key_value_groups`` cannot express. Such a layer duplicates key/value heads so that every group has the
+    same size: with ``g`` the greatest common divisor of the kept group sizes, a key/value head whose group keeps
+    ``c`` query heads appears ``c / g`` times and the layer's ``num_key_value_groups`` is ``g``. This is exact
+    (rotary embeddings do not depend on the head), keeps the stock attention modules and every attention
+    implementation (eager, SDPA, flash), and costs only the duplicated rows of ``k_proj``/``v_proj`` and their
+    cache; a layer whose groups stay equal duplicates nothing.
+
+    Args:
+        model_type: The ``config.model_type`` served.
+        config_class: The family's config class (for ``tiny_config``).
+    """
+
+    layers, output_projection = "model.layers", "o_proj"
+    grouped_query = config_has_head_dim = True
+
+    def __init__(self, model_type: str, config_class: type[PretrainedConfig]) -> None:
+        self.model_type = model_type
+        self.config_class = config_class
+
+    def num_key_value_heads(self, config: PretrainedConfig) -> int:
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+    def key_value_sources(self, kept: list[int], num_heads: int, num_kv_heads: int) -> list[int]:
+        """Key/value heads of the kept groups, duplicated so that every group has the same size (class docstring)."""
+        group_size = num_heads // num_kv_heads  # G
+        counts = [0] * num_kv_heads  # kept query heads per key/value head
+        for head in kept:
+            counts[head // group_size] += 1
+        kept_groups = [count for count in counts if count]
+        if not kept_groups:
+            return []
+        uniform = math.gcd(*kept_groups)
+        return [kv_head for kv_head, count in enumerate(counts) for _ in range(count // uniform)]
+
+    def _resize_kept(self, attention: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super()._resize_kept(attention, num_heads, num_kv_heads, head_dim)
+        attention.num_key_value_groups = num_heads // num_kv_heads
+
+    def tiny_config(self, num_layers: int, num_heads: int, num_kv_heads: int, width: int, **common) -> PretrainedConfig:
+        return self.config_class(
+            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+            hidden_size=width, intermediate_size=2 * width, **common,
+        )
+
+
+FAMILIES: dict[str, AttentionFamily] = {
+    family.model_type: family
+    for family in (
+        GPT2Family(),
+        OPTFamily(),
+        GPTNeoXFamily(),
+        GroupedQueryFamily("llama", LlamaConfig),
+        GroupedQueryFamily("mistral", MistralConfig),
+        GroupedQueryFamily("qwen2", Qwen2Config),
+    )
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model-level look-ups
+
+
+def family_of(model: nn.Module) -> AttentionFamily:
+    """The family of a Hugging Face causal LM, by ``config.model_type``.
+
+    Raises:
+        ValueError: naming the model's class, its ``model_type`` and the supported families.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"Unsupported model {type(model).__name__} (model_type={model_type!r}): sentinel-lightning gates the "
+            f"attention heads of these families: {', '.join(sorted(FAMILIES))}."
+        )
+    return FAMILIES[model_type]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The ``L`` decoder layers of a supported causal LM, in order."""
+    return family_of(model).decoder_layers(model)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, in order (``L`` of them)."""
+    family = family_of(model)
+    return [family.attention_of(layer) for layer in family.decoder_layers(model)]
+
+
+def output_projections(model: nn.Module) -> list[nn.Module]:
+    """The attention output projection (input ``[B, T, H * D]``) of every decoder layer, in order."""
+    family = family_of(model)
+    return [family.output_projection_of(attention) for attention in attention_modules(model)]
+
+
+def head_shape(model: nn.Module) -> tuple[int, int, int]:
+    """``(L, H, D)`` of a supported causal LM."""
+    return family_of(model).head_shape(model)
+
+
+def num_key_value_heads(model: nn.Module) -> int:
+    """``K``, the key/value heads per layer of a supported causal LM (``H`` without grouped-query attention)."""
+    return family_of(model).num_key_value_heads(model.config)
