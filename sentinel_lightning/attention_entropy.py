@@ -1,40 +1,105 @@
-"""The Shannon entropy of every head's attention distribution, measured in one forward pass.
+"""The Shannon entropy of every head's attention distribution, recorded inside a model's own forward pass.
 
-Fast attention kernels (SDPA, flash) never materialise the attention probabilities, so the measurement pass
-switches the model to an attention function registered with transformers' ``AttentionInterface`` that computes
-the eager attention, records ``-sum_k p log p`` per head and query, and returns the same output. The model's
-own attention implementation is restored afterwards; training steps keep their fast kernels.
+Fast attention kernels (SDPA, flash) never materialise the attention probabilities, so while an
+``EntropyRecording`` is open the model runs an attention function registered with transformers'
+``AttentionInterface`` that computes the eager attention (dropout included, differentiable), records
+``-sum_k p log p`` per head and query, and returns the same output. Whoever calls the model (a user's
+``training_step`` with any batch format, or ``attention_entropy`` below) is unchanged; the model's own attention
+implementation is restored when the recording closes.
+
+Which query positions count is read from the attention mask the model builds itself: a query is a real token
+when it may attend to its own position (padding masks its own key), so no batch format needs to be understood.
+
+Notation: B batch, H query heads, K key/value heads, T query positions, S key positions, D head dim, L layers.
 """
 
 from __future__ import annotations
 
+from types import TracebackType
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from sentinel_lightning.gates import attention_modules, head_shape
+from sentinel_lightning.families import attention_modules, head_shape
 
 ENTROPY_ATTENTION = "sentinel_entropy"
+RECORDER_ATTRIBUTE = "_sentinel_entropy_recording"  # set on each attention module while a recording is open
 
 
-class _EntropyRecorder:
-    """Sums each head's attention entropy over the non-padding query positions of one forward pass."""
+def real_queries(attention_mask: torch.Tensor | None, batch: int, num_queries: int, num_keys: int) -> torch.Tensor:
+    """Float ``[batch, num_queries]``: 1 where a query is a real token, 0 where it is padding.
 
-    def __init__(self, model: PreTrainedModel, query_mask: torch.Tensor) -> None:
+    Args:
+        attention_mask: The model's 4-D mask ``[B or 1, 1, T, S]``, additive float (0 = attend) or bool
+            (True = attend), or None (no padding).
+        batch: B. num_queries: T. num_keys: S (the last T keys are the queries' own positions).
+    """
+    if attention_mask is None:
+        return torch.ones(batch, num_queries)
+    queries = torch.arange(num_queries, device=attention_mask.device)
+    own = attention_mask[:, 0, queries, queries + num_keys - num_queries]  # [B or 1, T]: each query's own key
+    allowed = own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2
+    return allowed.float().expand(batch, num_queries)
+
+
+class EntropyRecording:
+    """Records every head's attention entropy during the forward passes of ``model`` while it is open.
+
+    Each layer records its first forward only (a recomputation under gradient checkpointing is not counted
+    twice), so one recording covers one forward pass.
+
+    Attributes:
+        sums: Entropy (nats) summed over real query positions, ``[num_layers, num_heads]``.
+        tokens: Number of real query positions seen (the same in every layer).
+        recorded: Bool ``[num_layers]``: which layers ran while recording.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
         num_layers, num_heads, _ = head_shape(model)
-        self.layer_of = {id(module): layer for layer, module in enumerate(attention_modules(model))}
-        self.query_mask = query_mask.float()  # [batch, seq]
-        self.sums = torch.zeros(num_layers, num_heads, device=query_mask.device)  # [L, H]
+        self.model = model
+        self.sums = torch.zeros(num_layers, num_heads)
+        self.tokens = 0
+        self.recorded = torch.zeros(num_layers, dtype=torch.bool)
+        self._previous_implementation: str | None = None
 
-    def record(self, module: nn.Module, entropy: torch.Tensor) -> None:
-        """Adds ``entropy`` ``[batch, heads, seq]`` of ``module``'s layer, weighted by the query mask."""
-        layer = self.layer_of[id(module)]
-        mask = self.query_mask[:, -entropy.shape[-1] :]  # [batch, seq]
-        self.sums[layer] += torch.einsum("bhq,bq->h", entropy, mask)
+    @property
+    def complete(self) -> bool:
+        """Whether every layer recorded a forward pass with at least one real query."""
+        return bool(self.recorded.all()) and self.tokens > 0
 
+    def record(self, layer: int, entropy: torch.Tensor, queries: torch.Tensor) -> None:
+        """Adds ``entropy`` ``[B, H, T]`` of ``layer`` weighted by ``queries`` ``[B, T]`` (1 = real token)."""
+        if self.recorded[layer]:
+            return
+        self.recorded[layer] = True
+        self.sums[layer] += torch.einsum("bhq,bq->h", entropy.float(), queries.to(entropy.device)).cpu()
+        self.tokens = int(queries.sum())
 
-_recorder: _EntropyRecorder | None = None
+    def start(self) -> EntropyRecording:
+        """Switches the model to the recording attention; returns ``self``."""
+        self._previous_implementation = self.model.config._attn_implementation
+        for layer, attention in enumerate(attention_modules(self.model)):
+            setattr(attention, RECORDER_ATTRIBUTE, (self, layer))
+        self.model.set_attn_implementation(ENTROPY_ATTENTION)
+        return self
+
+    def stop(self) -> None:
+        """Gives the model back its own attention implementation."""
+        for attention in attention_modules(self.model):
+            if hasattr(attention, RECORDER_ATTRIBUTE):
+                delattr(attention, RECORDER_ATTRIBUTE)
+        self.model.set_attn_implementation(self._previous_implementation)
+
+    def __enter__(self) -> EntropyRecording:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
 
 
 def entropy_attention_forward(
@@ -46,36 +111,45 @@ def entropy_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Eager attention that records each head's entropy.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention that records each head's entropy into the module's open ``EntropyRecording``.
 
     Args:
-        query: ``[batch, num_heads, seq, head_dim]``.
-        key, value: ``[batch, num_kv_heads, kv_seq, head_dim]`` (grouped-query attention repeats them).
-        attention_mask: Additive float mask ``[batch, 1, seq, kv_seq]`` or None.
+        module: The attention module (its ``training`` flag decides dropout, as in eager attention).
+        query: ``[B, H, T, D]``.
+        key, value: ``[B, K, S, D]`` (grouped-query attention repeats them to H heads).
+        attention_mask: Additive float mask ``[B, 1, T, S]`` or None.
+        scaling: Score scale; None means ``D ** -0.5``.
+        dropout: Attention dropout probability.
 
     Returns:
-        The attention output ``[batch, seq, num_heads, head_dim]`` and None for the weights.
+        The attention output ``[B, T, H, D]`` and the attention probabilities ``[B, H, T, S]``.
     """
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
+        key = key.repeat_interleave(groups, dim=1)  # [B, H, S, D]
         value = value.repeat_interleave(groups, dim=1)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if attention_mask is not None:
+        attention_mask = attention_mask[..., : key.shape[-2]]
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # [B, H, T, S]
     if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]].float()
+        scores = scores + attention_mask.float()
     probs = scores.softmax(dim=-1)
-    if _recorder is not None:
-        _recorder.record(module, -torch.special.xlogy(probs, probs).sum(dim=-1))  # [B, H, T]
-    output = torch.matmul(probs.to(value.dtype), value)  # [B, H, T, D]
-    return output.transpose(1, 2).contiguous(), None
+    recording = getattr(module, RECORDER_ATTRIBUTE, None)
+    if recording is not None:
+        recorder, layer = recording
+        with torch.no_grad():
+            entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)  # [B, H, T]
+            recorder.record(layer, entropy, real_queries(attention_mask, *query.shape[:1], *scores.shape[-2:]))
+    probs = F.dropout(probs, p=dropout, training=module.training).to(value.dtype)
+    output = torch.matmul(probs, value)  # [B, H, T, D]
+    return output.transpose(1, 2).contiguous(), probs
 
 
 AttentionInterface.register(ENTROPY_ATTENTION, entropy_attention_forward)
 AttentionMaskInterface.register(ENTROPY_ATTENTION, eager_mask)
-assert ENTROPY_ATTENTION in ALL_MASK_ATTENTION_FUNCTIONS
 
 
 @torch.no_grad()
@@ -93,18 +167,11 @@ def attention_entropy(
         The entropy summed over non-padding query positions, ``[num_layers, num_heads]`` (nats), and the
         number of those positions. Their ratio is the mean entropy per head.
     """
-    global _recorder
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    previous_implementation = model.config._attn_implementation
     was_training = model.training
-    _recorder = _EntropyRecorder(model, attention_mask)
+    model.eval()
     try:
-        model.set_attn_implementation(ENTROPY_ATTENTION)
-        model.eval()
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return _recorder.sums, int(attention_mask.sum())
+        with EntropyRecording(model) as recording:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
-        _recorder = None
-        model.set_attn_implementation(previous_implementation)
         model.train(was_training)
+    return recording.sums, recording.tokens

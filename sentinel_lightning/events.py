@@ -1,17 +1,20 @@
-"""Pruning and reactivation events: what happened to which heads, when and why.
+"""Pruning and reactivation events, and how the callbacks hear of them.
 
-The callbacks that change gates keep their events in their state and announce each one to every callback
-of the trainer that defines ``on_head_event(trainer, pl_module, event)`` (``GateMonitor`` does).
+The callbacks that change gates keep their events in their state and announce each one to every callback of the
+trainer that is a ``HeadEventListener`` (``HeadMetrics``, ``HeadReactivation`` and ``GateMonitor`` are; a user's
+callback can be too).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 KINDS = ("prune", "reactivate")
+CallbackType = TypeVar("CallbackType", bound=L.Callback)
 
 
 @dataclass
@@ -24,8 +27,9 @@ class HeadEvent:
         step: Global optimizer step.
         heads: The ``(layer, head)`` pairs concerned.
         reason: Why, in words (strategy and target, or the regression that triggered it).
-        perplexity: The monitored validation perplexity when it happened, if known.
+        value: The monitored metric's value when it happened, if known.
         sparsity: Fraction of all heads pruned after the event.
+        monitor: The name of the monitored metric (``"val_ppl"`` by default).
     """
 
     kind: str
@@ -33,8 +37,9 @@ class HeadEvent:
     step: int
     heads: list[tuple[int, int]]
     reason: str
-    perplexity: float | None = None
+    value: float | None = None
     sparsity: float = 0.0
+    monitor: str = "val_ppl"
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -46,18 +51,29 @@ class HeadEvent:
 
     def describe(self) -> str:
         """A one-line human summary."""
-        ppl = "n/a" if self.perplexity is None else f"{self.perplexity:.3f}"
+        value = "n/a" if self.value is None else f"{self.value:.4g}"
         heads = ", ".join(f"L{layer}H{head}" for layer, head in self.heads)
         return (
             f"epoch {self.epoch}, step {self.step}: {self.kind} {len(self.heads)} head(s) [{heads}]; "
-            f"reason: {self.reason}; monitored perplexity {ppl}; sparsity {self.sparsity:.3f}"
+            f"reason: {self.reason}; {self.monitor} {value}; sparsity {self.sparsity:.3f}"
         )
 
 
+class HeadEventListener(L.Callback):
+    """A callback that hears every pruning and reactivation event of its trainer."""
+
+    def on_head_event(self, trainer: L.Trainer, pl_module: L.LightningModule, event: HeadEvent) -> None:
+        """Called on every rank after the gates changed."""
+
+
+def find_callback(trainer: L.Trainer, kind: type[CallbackType]) -> CallbackType | None:
+    """The first callback of ``trainer`` that is a ``kind``, or None."""
+    return next((callback for callback in trainer.callbacks if isinstance(callback, kind)), None)
+
+
 def notify_head_event(trainer: L.Trainer, pl_module: L.LightningModule, event: HeadEvent) -> None:
-    """Logs ``event`` on rank zero and calls ``on_head_event`` of every callback of ``trainer`` that has one."""
+    """Logs ``event`` on rank zero and calls ``on_head_event`` of every ``HeadEventListener`` of ``trainer``."""
     rank_zero_info(f"sentinel-lightning: {event.describe()}")
     for callback in trainer.callbacks:
-        handler = getattr(callback, "on_head_event", None)
-        if callable(handler):
-            handler(trainer, pl_module, event)
+        if isinstance(callback, HeadEventListener):
+            callback.on_head_event(trainer, pl_module, event)

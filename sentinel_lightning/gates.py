@@ -36,6 +36,13 @@ class HeadGates(nn.Module):
         active: Bool mask ``[num_layers, num_heads]``; False marks a pruned head.
         values_before_pruning: The value each head's gate had when it was last pruned,
             ``[num_layers, num_heads]``, so that reactivation restores it whatever the optimizer did meanwhile.
+        importance_at_pruning: The importance each head had when it was last pruned (NaN if never or unknown),
+            ``[num_layers, num_heads]``; reactivation by importance ranks pruned heads by it.
+        protected_until: The last epoch at whose end each head must not be pruned (-1: none),
+            ``[num_layers, num_heads]``; reactivation protects the heads it gives back.
+
+    The buffers are the pruning callbacks' shared per-head state: they travel in the model's ``state_dict`` and
+    so in every Lightning checkpoint.
     """
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int) -> None:
@@ -49,6 +56,8 @@ class HeadGates(nn.Module):
         self.values = nn.Parameter(torch.ones(num_layers, num_heads))
         self.register_buffer("active", torch.ones(num_layers, num_heads, dtype=torch.bool))
         self.register_buffer("values_before_pruning", torch.ones(num_layers, num_heads))
+        self.register_buffer("importance_at_pruning", torch.full((num_layers, num_heads), float("nan")))
+        self.register_buffer("protected_until", torch.full((num_layers, num_heads), -1, dtype=torch.long))
         # The gradient of a pruned head's gate is exactly zero: values * active has no gradient where active is False.
 
     @property
@@ -87,12 +96,19 @@ class HeadGates(nn.Module):
         return heads
 
     @torch.no_grad()
-    def prune(self, heads: Iterable[tuple[int, int]]) -> None:
-        """Sets the gates of ``heads`` (``(layer, head)`` pairs) to exactly 0, remembering their values."""
+    def prune(self, heads: Iterable[tuple[int, int]], importance: torch.Tensor | None = None) -> None:
+        """Sets the gates of ``heads`` (``(layer, head)`` pairs) to exactly 0, remembering their values.
+
+        Args:
+            heads: The heads to prune; already pruned ones are left as they are.
+            importance: ``[num_layers, num_heads]`` importance to remember for the pruned heads, or None.
+        """
         for layer, head in self._check_heads(heads, "heads"):
             if self.active[layer, head]:
                 self.values_before_pruning[layer, head] = self.values[layer, head]
                 self.active[layer, head] = False
+                if importance is not None:
+                    self.importance_at_pruning[layer, head] = importance[layer, head]
 
     @torch.no_grad()
     def reactivate(self, heads: Iterable[tuple[int, int]]) -> None:
@@ -101,6 +117,16 @@ class HeadGates(nn.Module):
             if not self.active[layer, head]:
                 self.values[layer, head] = self.values_before_pruning[layer, head]
                 self.active[layer, head] = True
+
+    @torch.no_grad()
+    def protect(self, heads: Iterable[tuple[int, int]], until_epoch: int) -> None:
+        """Keeps ``heads`` from being pruned at the end of every epoch up to ``until_epoch`` (inclusive)."""
+        for layer, head in self._check_heads(heads, "heads"):
+            self.protected_until[layer, head] = max(int(self.protected_until[layer, head]), until_epoch)
+
+    def protected(self, epoch: int) -> torch.Tensor:
+        """Bool ``[num_layers, num_heads]``: heads that must not be pruned at the end of ``epoch``."""
+        return self.protected_until >= epoch
 
     def extra_repr(self) -> str:
         return f"num_layers={self.num_layers}, num_heads={self.num_heads}, active={self.num_active}"
@@ -187,14 +213,6 @@ def find_causal_lm(module: nn.Module) -> PreTrainedModel:
         f"{type(module).__name__} holds no Hugging Face PreTrainedModel; pass a causal LM or a LightningModule "
         "(such as GatedLanguageModel) that holds one."
     )
-
-
-def gated_model(module: nn.Module) -> nn.Module | None:
-    """Returns the model inside ``module`` that carries the ``HeadGates`` (the one ``attach_gates`` was given)."""
-    for submodule in module.modules():
-        if isinstance(getattr(submodule, GATES_ATTRIBUTE, None), HeadGates):
-            return submodule
-    return None
 
 
 def find_or_attach_gates(module: nn.Module) -> HeadGates:

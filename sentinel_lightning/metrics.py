@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
+from sentinel_lightning.attention_entropy import EntropyRecording
+from sentinel_lightning.gates import find_causal_lm, find_gates
+
 IGNORE_INDEX = -100
 
 
@@ -108,45 +111,69 @@ class PerHeadMean(Metric):
         return (self.total / self.weight).float()
 
 
-def measure_head_metrics(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Measures every head's attention entropy and gradient importance on calibration batches, without a Trainer.
+class HeadStatistics(torch.nn.Module):
+    """The head metrics' estimators, shared by ``HeadMetrics`` (during fit) and ``measure_head_metrics`` (without).
+
+    - ``entropy``: each head's attention entropy (nats), the mean over real query tokens of the recorded passes.
+    - ``grad_norm``: ``|dL/dgate|`` of each step's loss (the importance of Michel et al., 2019), the mean over
+      steps.
 
     Args:
-        model: A gated causal LM (see ``attach_gates``).
+        num_layers, num_heads: The gates' grid.
+    """
+
+    def __init__(self, num_layers: int, num_heads: int) -> None:
+        super().__init__()
+        self.entropy = PerHeadMean(num_layers, num_heads)
+        self.grad_norm = PerHeadMean(num_layers, num_heads)
+
+    def update_entropy(self, recording: EntropyRecording) -> None:
+        """Adds a closed recording's entropy sums ``[L, H]``, weighted by its real query tokens."""
+        self.entropy.update(recording.sums, recording.tokens)
+
+    def update_gradient(self, gradient: torch.Tensor) -> None:
+        """Adds one step's gate gradient ``[L, H]`` (its absolute value)."""
+        self.grad_norm.update(gradient.abs())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """``{"entropy": [L, H], "grad_norm": [L, H]}``, NaN where nothing was accumulated; a DDP collective."""
+        return {"entropy": self.entropy.compute(), "grad_norm": self.grad_norm.compute()}
+
+    def reset(self) -> None:
+        self.entropy.reset()
+        self.grad_norm.reset()
+
+
+def measure_head_metrics(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Measures every head's attention entropy and gradient importance on calibration batches, without a Trainer.
+
+    The same estimators as ``HeadMetrics`` (``HeadStatistics``), each batch standing for one step: one eval-mode
+    forward that records the entropy, and the gates' gradient of that batch's mean token loss
+    (``causal_lm_nll``).
+
+    Args:
+        model: A gated causal LM (see ``attach_gates``), or a module holding one.
         batches: Dicts with ``input_ids`` ``[batch, seq]`` and optionally ``attention_mask`` and ``labels``.
 
     Returns:
-        ``{"entropy": [num_layers, num_heads], "grad_norm": [num_layers, num_heads]}``: the token-weighted mean
-        attention entropy (nats) and the mean over batches of ``|dL/dgate|`` (Michel et al., 2019).
+        ``{"entropy": [num_layers, num_heads], "grad_norm": [num_layers, num_heads]}``.
     """
-    from sentinel_lightning.gates import find_gates
-
     gates = find_gates(model)
     if gates is None:
         raise ValueError(f"measure_head_metrics needs a gated model; {type(model).__name__} has no HeadGates.")
-    entropy = PerHeadMean(gates.num_layers, gates.num_heads)
-    grad_norm = PerHeadMean(gates.num_layers, gates.num_heads)
-    device = gates.values.device
-    learns = gates.values.requires_grad
+    causal_lm = find_causal_lm(model)
+    statistics = HeadStatistics(gates.num_layers, gates.num_heads)
+    learns, was_training = gates.values.requires_grad, causal_lm.training
     gates.values.requires_grad_(True)
+    causal_lm.eval()
     try:
-        _measure(model, gates, batches, entropy, grad_norm, device)
+        for batch in batches:
+            with torch.enable_grad(), EntropyRecording(causal_lm) as recording:
+                nll_sum, tokens = causal_lm_nll(causal_lm, batch)
+            (gradient,) = torch.autograd.grad(nll_sum / tokens.clamp_min(1), gates.values)
+            statistics.update_entropy(recording)
+            statistics.update_gradient(gradient)
     finally:
         gates.values.requires_grad_(learns)
-    return {"entropy": entropy.compute(), "grad_norm": grad_norm.compute()}
-
-
-def _measure(model, gates, batches, entropy: PerHeadMean, grad_norm: PerHeadMean, device) -> None:
-    from sentinel_lightning.attention_entropy import attention_entropy
-
-    for batch in batches:
-        input_ids = batch["input_ids"].to(device)
-        attention_mask = batch.get("attention_mask")
-        attention_mask = None if attention_mask is None else attention_mask.to(device)
-        labels = batch.get("labels", batch["input_ids"]).to(device)
-        entropy.update(*attention_entropy(model, input_ids, attention_mask))
-        with torch.enable_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            nll_sum, tokens = causal_lm_token_losses(logits, labels)
-            (gradient,) = torch.autograd.grad(nll_sum / tokens.clamp_min(1), gates.values)
-        grad_norm.update(gradient.abs())
+        causal_lm.train(was_training)
+    return statistics.compute()

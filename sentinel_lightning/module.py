@@ -7,10 +7,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from typing_extensions import override
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, get_linear_schedule_with_warmup
 
 from sentinel_lightning.gates import HeadGates, attach_gates
-from sentinel_lightning.metrics import Perplexity, causal_lm_token_losses
+from sentinel_lightning.metrics import Perplexity, causal_lm_nll
 from sentinel_lightning.pretrained import load_causal_lm
 
 
@@ -69,30 +70,30 @@ class GatedLanguageModel(L.LightningModule):
         self.gates.values.requires_grad_(learn_gates)
         self.val_perplexity = Perplexity()
 
+    @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Returns the logits ``[batch, seq, vocab]`` of ``input_ids`` ``[batch, seq]``."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch["input_ids"], batch.get("attention_mask"))
-        labels = batch.get("labels", batch["input_ids"])
-        return causal_lm_token_losses(logits, labels)
-
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        nll_sum, tokens = self._losses(batch)
+        nll_sum, tokens = causal_lm_nll(self.model, batch)
         loss = nll_sum / tokens.clamp_min(1)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.val_perplexity.update(*self._losses(batch))
+        self.val_perplexity.update(*causal_lm_nll(self.model, batch))
 
+    @override
     def on_validation_epoch_end(self) -> None:
         perplexity = self.val_perplexity.compute()  # token-weighted over every rank's batches
         self.val_perplexity.reset()
         self.log("val_ppl", perplexity, prog_bar=True)
         self.log("val_loss", perplexity.log())
 
+    @override
     def configure_optimizers(self):
         decay, no_decay = [], []
         for name, parameter in self.model.named_parameters():

@@ -3,11 +3,12 @@ import pytest
 import torch
 from conftest import tiny_data, tiny_model, tiny_trainer
 
-from sentinel_lightning import GatedLanguageModel, HeadMetrics, HeadPruning, HeadReactivation, find_gates
+from sentinel_lightning import GatedLanguageModel, HeadMetrics, HeadPruning, HeadReactivation, attach_gates, find_gates
+from sentinel_lightning.events import HeadEventListener
 from sentinel_lightning.metrics import PerHeadMean
 
 
-class GateProbe(L.Callback):
+class GateProbe(HeadEventListener):
     """Records the gates after every training epoch (it runs after the callbacks listed before it)."""
 
     def __init__(self):
@@ -49,7 +50,7 @@ def test_schedule_fires_at_its_epochs_with_exact_counts(strategy):
     fit([HeadMetrics(entropy_every_n_steps=2), pruning, probe], epochs=5)
     assert probe.active_counts == [8, 6, 6, 4, 4]
     assert [(event.epoch, len(event.heads)) for event in pruning.events] == [(1, 2), (3, 2)]
-    assert all(event.kind == "prune" and event.perplexity > 0 for event in pruning.events)
+    assert all(event.kind == "prune" and event.value > 0 for event in pruning.events)
 
 
 def test_pruned_gates_stay_exactly_zero_while_training_goes_on():
@@ -75,7 +76,7 @@ def test_reactivation_fires_on_a_regression_and_restores_gate_values():
     first, refill = pruning.events
     (event,) = reactivation.events
     assert event.kind == "reactivate" and event.epoch == 1 and event.heads == first.heads
-    assert event.perplexity == 20.0 and "fake_ppl 20 > 10" in event.reason
+    assert event.value == 20.0 and "fake_ppl 20 > 10" in event.reason
     assert refill.epoch == 1 and not set(refill.heads) & set(first.heads)  # target met with other heads
     kind, values_after_reactivation = probe.at_events[1]
     assert kind == "reactivate"
@@ -102,7 +103,7 @@ def test_importance_reactivation_takes_the_most_important_pruned_heads():
     reactivation = HeadReactivation(monitor="fake_ppl", reactivate="importance", fraction=0.5)
     fit([HeadMetrics(), pruning, reactivation], epochs=3, module=module)
     (event,) = reactivation.events
-    importance = pruning.importance_at_pruning
+    importance = module.gates.importance_at_pruning
     pruned_before = [pair for prune in pruning.events for pair in prune.heads]
     ranked = sorted(pruned_before, key=lambda pair: -importance[pair].item())
     assert len(pruned_before) == 4 and event.heads == ranked[:2]
@@ -215,3 +216,30 @@ def test_bad_arguments_fail_at_construction(make, message):
 def test_model_dependent_arguments_fail_before_training(pruning, message):
     with pytest.raises(ValueError, match=message):
         fit([pruning], epochs=1)
+
+
+def test_trainer_free_measurement_uses_the_same_estimators_as_head_metrics():
+    from sentinel_lightning.metrics import measure_head_metrics
+
+    L.seed_everything(0)
+    initial = tiny_model("llama")
+    module = GatedLanguageModel(tiny_model("llama"), learning_rate=1e-3)
+    data = tiny_data()
+    metrics = HeadMetrics(entropy_every_n_steps=1)
+    tiny_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[metrics]).fit(module, data)
+    first_batch = next(iter(data.train_dataloader()))  # the epoch-0 order is seeded: the batch that was trained on
+    attach_gates(initial)
+    measured = measure_head_metrics(initial, [first_batch])  # the weights that batch's step ran with
+    during_fit = metrics.compute()
+    assert torch.allclose(measured["entropy"], during_fit["entropy"], atol=1e-5)
+    assert torch.allclose(measured["grad_norm"], during_fit["grad_norm"], rtol=1e-4, atol=1e-7)
+
+
+def test_reactivation_state_lives_in_the_gates_and_travels_in_the_state_dict():
+    module = ScriptedPerplexity([10.0, 30.0], model=tiny_model("llama"), learning_rate=1e-3)
+    fit([HeadMetrics(), HeadPruning("gradient", {0: 0.25}), HeadReactivation(monitor="fake_ppl", cooldown=2)],
+        epochs=2, module=module)
+    state = module.state_dict()
+    given_back = state["gates.protected_until"] >= 0
+    assert int(given_back.sum()) == 2 and torch.all(state["gates.protected_until"][given_back] == 1 + 2)
+    assert torch.isfinite(state["gates.importance_at_pruning"]).sum() == 2  # importance of the heads once pruned

@@ -21,7 +21,7 @@ class PruneAfterTraining(L.Callback):
         pl_module.gates.prune([(0, 1), (1, 3)])
         event = HeadEvent(
             "prune", trainer.current_epoch, trainer.global_step, [(0, 1), (1, 3)], "test pruning",
-            perplexity=12.5, sparsity=pl_module.gates.sparsity,
+            value=12.5, sparsity=pl_module.gates.sparsity,
         )
         notify_head_event(trainer, pl_module, event)
 

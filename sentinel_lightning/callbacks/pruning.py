@@ -8,9 +8,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from sentinel_lightning.callbacks.head_metrics import HeadMetrics
-from sentinel_lightning.events import HeadEvent, notify_head_event
+from sentinel_lightning.events import HeadEvent, find_callback, notify_head_event
 from sentinel_lightning.gates import HeadGates, find_or_attach_gates
 from sentinel_lightning.strategies import SCOPES, Strategy, resolve_strategy, select_heads
 
@@ -44,6 +45,10 @@ class HeadPruning(L.Callback):
         scope: ``"global"`` ranks every head together; ``"layer"`` spreads the pruning evenly over the layers.
         min_active_heads_per_layer: No layer keeps fewer active heads.
         seed: Seed of the ``"random"`` strategy.
+        monitor: Logged metric whose value each pruning event records (and ``HeadReactivation`` compares with).
+
+    Heads protected by ``HeadReactivation`` (``HeadGates.protected``) are never chosen; the importance each pruned
+    head had is remembered in ``HeadGates.importance_at_pruning``. Both live in the gates, so checkpoints carry them.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class HeadPruning(L.Callback):
         scope: str = "global",
         min_active_heads_per_layer: int = 1,
         seed: int = 0,
+        monitor: str = "val_ppl",
     ) -> None:
         self.strategy_name = strategy if isinstance(strategy, str) else getattr(strategy, "__name__", "custom")
         self.score = resolve_strategy(strategy, seed)
@@ -78,9 +84,11 @@ class HeadPruning(L.Callback):
         self.schedule = schedule
         self.scope = scope
         self.min_active_heads_per_layer = min_active_heads_per_layer
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"monitor={monitor!r} must be the name of a logged metric.")
         self.seed = seed
+        self.monitor = monitor
         self.events: list[HeadEvent] = []
-        self.importance_at_pruning: torch.Tensor | None = None  # [L, H] grad_norm when each head was last pruned
         self._gates: HeadGates | None = None
 
     @property
@@ -94,6 +102,7 @@ class HeadPruning(L.Callback):
             return None if target is None else _check_fraction(target, f"callable at epoch {epoch}")
         return self.schedule.get(epoch)
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._gates = gates = find_or_attach_gates(pl_module)
         if self.min_active_heads_per_layer > gates.num_heads:
@@ -111,26 +120,12 @@ class HeadPruning(L.Callback):
                         f"but min_active_heads_per_layer={self.min_active_heads_per_layer} leaves only {prunable} "
                         f"prunable (at most {prunable / total:.3f})."
                     )
-        if self.strategy_name in METRIC_STRATEGIES and self._head_metrics(trainer) is None:
+        if self.strategy_name in METRIC_STRATEGIES and find_callback(trainer, HeadMetrics) is None:
             raise ValueError(
                 f"HeadPruning(strategy={self.strategy_name!r}) needs a HeadMetrics callback in the same Trainer."
             )
-        if self.importance_at_pruning is None:
-            self.importance_at_pruning = torch.full((gates.num_layers, gates.num_heads), float("nan"))
 
-    @staticmethod
-    def _head_metrics(trainer: L.Trainer) -> HeadMetrics | None:
-        return next((callback for callback in trainer.callbacks if isinstance(callback, HeadMetrics)), None)
-
-    @staticmethod
-    def _protected(trainer: L.Trainer, shape: torch.Size) -> torch.Tensor:
-        protected = torch.zeros(shape, dtype=torch.bool)
-        for callback in trainer.callbacks:
-            mask_of = getattr(callback, "protected_mask", None)
-            if callable(mask_of):
-                protected |= mask_of(trainer.current_epoch).cpu()
-        return protected
-
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         target = self.target_at(epoch)
@@ -141,14 +136,13 @@ class HeadPruning(L.Callback):
         count = round(target * total) - (total - gates.num_active)
         if count <= 0:
             return
-        head_metrics = self._head_metrics(trainer)
+        head_metrics = find_callback(trainer, HeadMetrics)
         metrics = {"active": gates.active.cpu()}
         if head_metrics is not None:
             metrics.update({name: value.cpu() for name, value in head_metrics.compute().items()})
         scores = self.score(metrics)
-        heads = select_heads(
-            scores, gates.active, count, self.scope, self.min_active_heads_per_layer, self._protected(trainer, scores.shape)
-        )
+        protected = gates.protected(epoch)
+        heads = select_heads(scores, gates.active, count, self.scope, self.min_active_heads_per_layer, protected)
         heads = trainer.strategy.broadcast(heads, src=0)  # one decision for every rank
         if len(heads) < count:
             rank_zero_warn(
@@ -157,28 +151,31 @@ class HeadPruning(L.Callback):
             )
         if not heads:
             return
-        self.prune(trainer, gates, heads)
-        if "grad_norm" in metrics:
-            for layer, head in heads:
-                self.importance_at_pruning[layer, head] = metrics["grad_norm"][layer, head]
-        perplexity = trainer.callback_metrics.get("val_ppl")
+        self.prune(trainer, gates, heads, metrics.get("grad_norm"))
+        value = trainer.callback_metrics.get(self.monitor)
         event = HeadEvent(
             kind="prune",
             epoch=epoch,
             step=trainer.global_step,
             heads=[tuple(pair) for pair in heads],
             reason=f"{self.strategy_name} strategy ({self.scope}), target {target:.3f} of {total} heads",
-            perplexity=None if perplexity is None else float(perplexity),
+            value=None if value is None else float(value),
             sparsity=gates.sparsity,
+            monitor=self.monitor,
         )
         self.events.append(event)
         notify_head_event(trainer, pl_module, event)
 
     @staticmethod
     @torch.no_grad()
-    def prune(trainer: L.Trainer, gates: HeadGates, heads: list[tuple[int, int]]) -> None:
-        """Prunes ``heads`` and clears their gradient and optimizer state so they stay exactly where they were."""
-        gates.prune(heads)
+    def prune(
+        trainer: L.Trainer, gates: HeadGates, heads: list[tuple[int, int]], importance: torch.Tensor | None = None
+    ) -> None:
+        """Prunes ``heads`` and clears their gradient and optimizer state so they stay exactly where they were.
+
+        ``importance`` ``[num_layers, num_heads]`` is remembered for the pruned heads (``HeadGates.prune``).
+        """
+        gates.prune(heads, importance)
         pruned = ~gates.active
         if gates.values.grad is not None:
             gates.values.grad[pruned] = 0
@@ -187,12 +184,10 @@ class HeadPruning(L.Callback):
                 if isinstance(state, torch.Tensor) and state.shape == gates.values.shape:
                     state[pruned] = 0
 
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "events": [event.to_dict() for event in self.events],
-            "importance_at_pruning": self.importance_at_pruning,
-        }
+        return {"events": [event.to_dict() for event in self.events]}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.events = [HeadEvent.from_dict(event) for event in state_dict.get("events", [])]
-        self.importance_at_pruning = state_dict.get("importance_at_pruning")

@@ -8,21 +8,24 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
-from sentinel_lightning.events import HeadEvent, notify_head_event
+from sentinel_lightning.events import HeadEvent, HeadEventListener, notify_head_event
 from sentinel_lightning.gates import HeadGates, find_or_attach_gates
 
 CHOICES = ("last", "importance")
 
 
-class HeadReactivation(L.Callback):
+class HeadReactivation(HeadEventListener):
     """After each validation, compares the monitored perplexity with its value before the latest pruning event.
 
     When it is worse by more than ``tolerance`` (relative) for ``patience`` validations in a row, it reactivates
     ``fraction`` of the candidate heads: the heads of the latest pruning event (``"last"``) or every pruned head
-    ranked by the gradient importance it had when pruned (``"importance"``). A reactivated gate gets back the
-    value it had before pruning, and the head is protected from pruning at the end of the current epoch and of
-    the next ``cooldown`` epochs; the pruning schedule meets its target with other heads.
+    ranked by the gradient importance it had when pruned (``"importance"``, read from
+    ``HeadGates.importance_at_pruning``). A reactivated gate gets back the value it had before pruning, and the
+    head is protected (``HeadGates.protect``) from pruning at the end of the current epoch and of the next
+    ``cooldown`` epochs; the pruning schedule meets its target with other heads. The reference value is the
+    monitored metric when the pruning event happened, as the pruning callback recorded it.
 
     Args:
         monitor: Logged metric to watch (lower is better), e.g. ``"val_ppl"``.
@@ -63,7 +66,6 @@ class HeadReactivation(L.Callback):
         self.reference: float | None = None
         self.wait_count = 0
         self.last_pruned: list[tuple[int, int]] = []
-        self.protected_until: torch.Tensor | None = None  # [L, H] last epoch index at which a head is protected
         self.events: list[HeadEvent] = []
         self._gates: HeadGates | None = None
 
@@ -71,23 +73,20 @@ class HeadReactivation(L.Callback):
     def state_key(self) -> str:
         return self._generate_state_key(monitor=self.monitor)
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._gates = find_or_attach_gates(pl_module)
-        if self.protected_until is None:
-            self.protected_until = torch.full((self._gates.num_layers, self._gates.num_heads), -1, dtype=torch.long)
 
-    def protected_mask(self, epoch: int) -> torch.Tensor:
-        """Bool ``[num_layers, num_heads]``: heads that must not be pruned at the end of ``epoch``."""
-        return self.protected_until >= epoch
-
+    @override
     def on_head_event(self, trainer: L.Trainer, pl_module: L.LightningModule, event: HeadEvent) -> None:
         if event.kind != "prune":
             return
-        value = trainer.callback_metrics.get(self.monitor)
-        self.reference = None if value is None or not torch.isfinite(value) else float(value)
+        value = event.value if event.monitor == self.monitor else trainer.callback_metrics.get(self.monitor)
+        self.reference = None if value is None or not math.isfinite(float(value)) else float(value)
         self.last_pruned = list(event.heads)
         self.wait_count = 0
 
+    @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
@@ -107,29 +106,23 @@ class HeadReactivation(L.Callback):
         self.wait_count = self.wait_count + 1 if regressed else 0
         if self.wait_count < self.patience:
             return
-        heads = self._candidates(trainer)
+        heads = self._candidates()
         if heads:
             self._reactivate(trainer, pl_module, heads[: math.ceil(self.fraction * len(heads))], current)
         self.wait_count = 0
 
-    def _candidates(self, trainer: L.Trainer) -> list[tuple[int, int]]:
+    def _candidates(self) -> list[tuple[int, int]]:
+        """The pruned heads to consider, most deserving first."""
         pruned = set(self._gates.pruned_heads())
         if self.reactivate == "last":
             return [pair for pair in self.last_pruned if pair in pruned]
-        from sentinel_lightning.callbacks.pruning import HeadPruning
-
-        importance = next(
-            (cb.importance_at_pruning for cb in trainer.callbacks if isinstance(cb, HeadPruning)), None
-        )
-        if importance is None:
-            raise RuntimeError("HeadReactivation(reactivate='importance') needs a HeadPruning callback in the Trainer.")
-        score = lambda pair: importance[pair].item() if torch.isfinite(importance[pair]) else -math.inf  # noqa: E731
-        return sorted(pruned, key=lambda pair: (-score(pair), pair))
+        importance = self._gates.importance_at_pruning.cpu()  # [L, H], NaN where unknown
+        importance = torch.where(torch.isfinite(importance), importance, -math.inf)
+        return sorted(pruned, key=lambda pair: (-importance[pair].item(), pair))
 
     def _reactivate(self, trainer: L.Trainer, pl_module: L.LightningModule, heads: list[tuple[int, int]], current: float) -> None:
         self._gates.reactivate(heads)
-        for layer, head in heads:
-            self.protected_until[layer, head] = trainer.current_epoch + self.cooldown
+        self._gates.protect(heads, until_epoch=trainer.current_epoch + self.cooldown)
         event = HeadEvent(
             kind="reactivate",
             epoch=trainer.current_epoch,
@@ -139,24 +132,25 @@ class HeadReactivation(L.Callback):
                 f"{self.monitor} {current:.4g} > {self.reference:.4g} x (1 + {self.tolerance}) for {self.patience} "
                 f"validation(s); reactivating {self.reactivate!r} heads"
             ),
-            perplexity=current,
+            value=current,
             sparsity=self._gates.sparsity,
+            monitor=self.monitor,
         )
         self.events.append(event)
         notify_head_event(trainer, pl_module, event)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "reference": self.reference,
             "wait_count": self.wait_count,
             "last_pruned": [list(pair) for pair in self.last_pruned],
-            "protected_until": self.protected_until,
             "events": [event.to_dict() for event in self.events],
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reference = state_dict["reference"]
         self.wait_count = state_dict["wait_count"]
         self.last_pruned = [tuple(pair) for pair in state_dict["last_pruned"]]
-        self.protected_until = state_dict["protected_until"]
         self.events = [HeadEvent.from_dict(event) for event in state_dict["events"]]
