@@ -10,7 +10,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sentinel_lightning import GatedLanguageModel
-from sentinel_lightning.callbacks.gate_monitor import GateMonitor, render_heatmap
+from sentinel_lightning.callbacks.gate_monitor import GateMonitor
+from sentinel_lightning.heatmaps import render_heatmap
 from sentinel_lightning.events import HeadEvent, notify_head_event
 
 
