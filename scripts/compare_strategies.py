@@ -31,11 +31,12 @@ from datetime import datetime, timezone
 import torch
 
 from sentinel_lightning.data import LanguageModelingDataModule
-from sentinel_lightning.evaluation import measure_inference_speed, perplexity, text_quality
-from sentinel_lightning.gates import HeadGates, attach_gates
+from sentinel_lightning.evaluation import evaluate_model
+from sentinel_lightning.gates import HeadGates, attach_gates, find_gates
 from sentinel_lightning.metrics import measure_head_metrics
 from sentinel_lightning.pretrained import byte_level_tokenizer
 from sentinel_lightning.strategies import resolve_strategy, select_heads
+from sentinel_lightning.tiny import tiny_model
 
 DEFAULT_LEVELS = [round(0.1 * index, 1) for index in range(10)]
 QUICK_LEVELS = [0.0, 0.25, 0.5]
@@ -44,32 +45,84 @@ STRATEGY_NAMES = ("entropy", "gradient", "random")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="Hub name or local path of a causal LM (default: the embedded SmolLM2-135M-Instruct).")
-    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder.")
-    parser.add_argument("--data-files", nargs="+", default=None, help="Local text files (default: the embedded Python Language Reference).")
-    parser.add_argument("--quick", action="store_true", help="A tiny random Llama and a byte-level tokenizer, 3 levels, 2 seeds: seconds.")
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_NAMES), choices=STRATEGY_NAMES)
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="Seeds of the random strategy (default: 0 1 2; --quick: 0 1).")
-    parser.add_argument("--levels", nargs="+", type=float, default=None, help="Fractions of all heads to prune (default: 0.0 0.1 ... 0.9).")
-    parser.add_argument("--min-active-heads-per-layer", type=int, default=1, help="No layer keeps fewer active heads (default: 1).")
-    parser.add_argument("--block-size", type=int, default=None, help="Tokens per block (default: 256; --quick: 32).")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--calibration-blocks", type=int, default=None, help="Training blocks the head metrics are measured on (default: 16; --quick: 8).")
-    parser.add_argument("--validation-blocks", type=int, default=None, help="Validation blocks perplexity is measured on (default: 24; --quick: 8).")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="Prompt continued greedily for speed and text quality.")
-    parser.add_argument("--num-tokens", type=int, default=None, help="New tokens per generation run (default: 50; --quick: 8).")
-    parser.add_argument("--num-runs", type=int, default=None, help="Timed generation runs, median reported (default: 3; --quick: 1).")
-    parser.add_argument("--generation-threads", type=int, default=1, help="Torch threads while generating (default: 1, steadier than 2 on small CPUs).")
-    parser.add_argument("--recovery-steps", type=int, default=0, help="Fine-tune a copy of each pruned model this many optimizer steps first (default: 0).")
-    parser.add_argument("--recovery-learning-rate", type=float, default=5e-5)
-    parser.add_argument("--output-dir", default="pruning_results")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add(
+        "--model",
+        default=None,
+        help="Hub name or local path of a causal LM (default: the embedded SmolLM2-135M-Instruct).",
+    )
+    add("--gguf-file", default=None, help="GGUF file inside --model's folder.")
+    add(
+        "--data-files",
+        nargs="+",
+        default=None,
+        help="Local text files (default: the embedded Python Language Reference).",
+    )
+    add(
+        "--quick",
+        action="store_true",
+        help="A tiny random Llama and a byte-level tokenizer, 3 levels, 2 seeds: seconds.",
+    )
+    add("--strategies", nargs="+", default=list(STRATEGY_NAMES), choices=STRATEGY_NAMES)
+    add(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="Seeds of the random strategy (default: 0 1 2; --quick: 0 1).",
+    )
+    add(
+        "--levels",
+        nargs="+",
+        type=float,
+        default=None,
+        help="Fractions of all heads to prune (default: 0.0 0.1 ... 0.9).",
+    )
+    add("--min-active-heads-per-layer", type=int, default=1, help="No layer keeps fewer active heads (default: 1).")
+    add("--block-size", type=int, default=None, help="Tokens per block (default: 256; --quick: 32).")
+    add("--batch-size", type=int, default=4)
+    add(
+        "--calibration-blocks",
+        type=int,
+        default=None,
+        help="Training blocks the head metrics are measured on (default: 16; --quick: 8).",
+    )
+    add(
+        "--validation-blocks",
+        type=int,
+        default=None,
+        help="Validation blocks perplexity is measured on (default: 24; --quick: 8).",
+    )
+    add("--prompt", default=DEFAULT_PROMPT, help="Prompt continued greedily for speed and text quality.")
+    add("--num-tokens", type=int, default=None, help="New tokens per generation run (default: 50; --quick: 8).")
+    add("--num-runs", type=int, default=None, help="Timed generation runs, median reported (default: 3; --quick: 1).")
+    add(
+        "--generation-threads",
+        type=int,
+        default=1,
+        help="Torch threads while generating (default: 1, steadier than 2 on small CPUs).",
+    )
+    add(
+        "--recovery-steps",
+        type=int,
+        default=0,
+        help="Fine-tune a copy of each pruned model this many optimizer steps first (default: 0).",
+    )
+    add("--recovery-learning-rate", type=float, default=5e-5)
+    add("--output-dir", default="pruning_results")
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = dict(
-        seeds=[0, 1] if quick else [0, 1, 2], levels=QUICK_LEVELS if quick else DEFAULT_LEVELS,
-        block_size=32 if quick else 256, calibration_blocks=8 if quick else 16, validation_blocks=8 if quick else 24,
-        num_tokens=8 if quick else 50, num_runs=1 if quick else 3,
+        seeds=[0, 1] if quick else [0, 1, 2],
+        levels=QUICK_LEVELS if quick else DEFAULT_LEVELS,
+        block_size=32 if quick else 256,
+        calibration_blocks=8 if quick else 16,
+        validation_blocks=8 if quick else 24,
+        num_tokens=8 if quick else 50,
+        num_runs=1 if quick else 3,
     )
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -77,7 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for level in args.levels:
         if not 0.0 <= level < 1.0:
             parser.error(f"--levels contains {level}; a level is a fraction of all heads in [0, 1).")
-    for name in ("block_size", "batch_size", "calibration_blocks", "validation_blocks", "num_tokens", "num_runs", "generation_threads"):
+    positive = ("block_size", "batch_size", "calibration_blocks", "validation_blocks", "num_tokens", "num_runs")
+    for name in (*positive, "generation_threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer.")
     if args.recovery_steps < 0:
@@ -86,22 +140,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def tiny_llama():
-    """A randomly initialised Llama of 2 layers x 4 heads for the byte-level tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=256, eos_token_id=256, pad_token_id=256,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config)
-
-
 def load(args: argparse.Namespace):
     """The model (eval mode, gated), its tokenizer and the data module."""
     if args.quick:
-        model, tokenizer = tiny_llama(), byte_level_tokenizer()
+        model, tokenizer = tiny_model("llama", seed=0), byte_level_tokenizer()
     else:
         from sentinel_lightning.pretrained import load_causal_lm, load_tokenizer
 
@@ -119,7 +161,10 @@ def load(args: argparse.Namespace):
 def batches_of(dataset, indices: list[int], batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Collated batches of the blocks ``indices`` of ``dataset``, each ``[batch, block_size]``."""
     blocks = [dataset[index] for index in indices]
-    return [LanguageModelingDataModule.collate(blocks[start : start + batch_size]) for start in range(0, len(blocks), batch_size)]
+    return [
+        LanguageModelingDataModule.collate(blocks[start : start + batch_size])
+        for start in range(0, len(blocks), batch_size)
+    ]
 
 
 def recover(model, data: LanguageModelingDataModule, steps: int, learning_rate: float):
@@ -131,25 +176,25 @@ def recover(model, data: LanguageModelingDataModule, steps: int, learning_rate: 
     L.seed_everything(0, verbose=False)
     module = GatedLanguageModel(copy.deepcopy(model), learning_rate=learning_rate, learn_gates=False, warmup_ratio=0.0)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, train_dataloaders=data.train_dataloader())
     return module.model.eval()
 
 
 def measure(model, tokenizer, validation, args) -> dict:
-    """Perplexity, generation speed and text quality of ``model`` as it is."""
-    speed = measure_inference_speed(
-        model, tokenizer, args.prompt, args.num_tokens, args.num_runs, num_threads=args.generation_threads
+    """Perplexity, generation speed and text quality of ``model`` as it is (``evaluation.evaluate_model``)."""
+    return evaluate_model(
+        model, tokenizer, validation, args.prompt, args.num_tokens, args.num_runs, num_threads=args.generation_threads
     )
-    return {
-        "perplexity": perplexity(model, validation),
-        "tokens_per_second": speed["tokens_per_second"],
-        "tokens_per_second_runs": speed["runs"],
-        **text_quality(speed["text"]),
-        "text": speed["text"],
-    }
 
 
 def prune_to(gates: HeadGates, scores: torch.Tensor, count: int, min_active: int) -> list[tuple[int, int]]:
@@ -160,15 +205,10 @@ def prune_to(gates: HeadGates, scores: torch.Tensor, count: int, min_active: int
     return heads
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Runs the comparison and returns the results (see ``results.json``)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    started = time.perf_counter()
-    model, tokenizer, data = load(args)
-    gates = attach_gates(model)
+def calibration_and_validation(
+    data: LanguageModelingDataModule, args: argparse.Namespace, console
+) -> tuple[list, list]:
+    """Calibration batches (random training blocks, seed 0) and validation batches (the first validation blocks)."""
     train, validation_set = data.blocks["train"], data.blocks["validation"]
     generator = torch.Generator().manual_seed(0)
     calibration_count = min(args.calibration_blocks, len(train))
@@ -177,52 +217,92 @@ def run(args: argparse.Namespace) -> dict:
     if validation_count < args.validation_blocks:
         console.print(f"[yellow]The validation split has only {len(validation_set)} blocks; using them all.[/yellow]")
     calibration = batches_of(train, calibration_indices, args.batch_size)
-    validation = batches_of(validation_set, list(range(validation_count)), args.batch_size)
+    return calibration, batches_of(validation_set, list(range(validation_count)), args.batch_size)
 
+
+def strategy_runs(args: argparse.Namespace) -> list[tuple[str, int | None]]:
+    """``(strategy, seed)`` pairs: one per deterministic strategy, one per seed of the random one."""
     runs = [(name, None) for name in args.strategies if name != "random"]
     if "random" in args.strategies:
         runs += [("random", seed) for seed in args.seeds]
+    return runs
+
+
+def progress_bar(console):
+    """A rich progress bar with the elapsed and remaining time."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    return Progress(*columns, TimeRemainingColumn(), console=console)
+
+
+def report_line(record: dict, label: str, started: float) -> str:
+    """One line of progress: elapsed time, run, level and what was measured."""
+    minutes, seconds = divmod(int(time.perf_counter() - started), 60)
+    return (
+        f"[{minutes:3d}:{seconds:02d}] {label:>17} {record['level']:4.0%}: {record['heads_pruned']:3d} heads pruned, "
+        f"perplexity {record['perplexity']:10.2f}, {record['tokens_per_second']:6.2f} tokens/s, "
+        f"diversity {record['lexical_diversity']:.2f}, repetition {record['repetition_score']:.2f}"
+    )
+
+
+def compare(
+    model, tokenizer, data, metrics: dict, validation: list, args, progress, task, started: float
+) -> list[dict]:
+    """Every strategy run at every level: prune, optionally recover, measure; one record per run and level."""
+    gates = find_gates(model)
     total_heads = gates.active.numel()
     records, measured = [], {}  # measured: pruned heads -> measurement, so identical prunings are measured once
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("calibrating the head metrics", total=1 + len(args.levels) * len(runs))
-        metrics = measure_head_metrics(model, calibration)
-        calibration_seconds = time.perf_counter() - started
-        progress.advance(task)
-        for level in args.levels:
-            count = round(level * total_heads)
-            for name, seed in runs:
-                label = name if seed is None else f"{name} (seed {seed})"
-                progress.update(task, description=f"{label} at {level:.0%}")
-                scores = resolve_strategy(name, 0 if seed is None else seed)(metrics)
-                heads = prune_to(gates, scores, count, args.min_active_heads_per_layer)
-                key = frozenset(heads)
-                if key not in measured:
-                    evaluated = recover(model, data, args.recovery_steps, args.recovery_learning_rate) if args.recovery_steps else model
-                    measured[key] = measure(evaluated, tokenizer, validation, args)
-                    del evaluated
-                record = {"strategy": name, "seed": seed, "level": level, "heads_pruned": len(heads),
-                          "sparsity": len(heads) / total_heads, **measured[key], "pruned": [list(pair) for pair in sorted(heads)]}
-                records.append(record)
-                minutes, seconds = divmod(int(time.perf_counter() - started), 60)
-                progress.console.print(
-                    f"[{minutes:3d}:{seconds:02d}] {label:>17} {level:4.0%}: {len(heads):3d} heads pruned, perplexity {record['perplexity']:10.2f}, "
-                    f"{record['tokens_per_second']:6.2f} tokens/s, diversity {record['lexical_diversity']:.2f}, "
-                    f"repetition {record['repetition_score']:.2f}",
-                    highlight=False, soft_wrap=True,
-                )
-                progress.advance(task)
+    for level in args.levels:
+        for name, seed in strategy_runs(args):
+            label = name if seed is None else f"{name} (seed {seed})"
+            progress.update(task, description=f"{label} at {level:.0%}")
+            scores = resolve_strategy(name, 0 if seed is None else seed)(metrics)
+            heads = prune_to(gates, scores, round(level * total_heads), args.min_active_heads_per_layer)
+            key = frozenset(heads)
+            if key not in measured:
+                evaluated = model
+                if args.recovery_steps:
+                    evaluated = recover(model, data, args.recovery_steps, args.recovery_learning_rate)
+                measured[key] = measure(evaluated, tokenizer, validation, args)
+                del evaluated
+            record = {
+                "strategy": name,
+                "seed": seed,
+                "level": level,
+                "heads_pruned": len(heads),
+                "sparsity": len(heads) / total_heads,
+                **measured[key],
+                "pruned": [list(pair) for pair in sorted(heads)],
+            }
+            records.append(record)
+            progress.console.print(report_line(record, label, started), highlight=False, soft_wrap=True)
+            progress.advance(task)
     gates.reactivate(gates.pruned_heads())
+    return records
+
+
+def describe(args: argparse.Namespace, gates: HeadGates, calibration: list, validation: list) -> dict:
+    """The setting of a comparison: command, model, data, measurement options and machine."""
+    embedded = "embedded SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised to fp32)"
     return {
-        "command": " ".join(["python scripts/compare_strategies.py", *(sys.argv[1:] if args.argv is None else args.argv)]),
-        "model": "tiny random Llama (--quick)" if args.quick else (args.model or "embedded SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised to fp32)"),
+        "command": " ".join(
+            ["python scripts/compare_strategies.py", *(sys.argv[1:] if args.argv is None else args.argv)]
+        ),
+        "model": "tiny random Llama (--quick)" if args.quick else (args.model or embedded),
         "num_layers": gates.num_layers,
         "num_heads": gates.num_heads,
         "data": ", ".join(args.data_files) if args.data_files else "embedded corpus (Python Language Reference)",
         "block_size": args.block_size,
-        "calibration_blocks": calibration_count,
-        "validation_blocks": validation_count,
+        "calibration_blocks": sum(len(batch["input_ids"]) for batch in calibration),
+        "validation_blocks": sum(len(batch["input_ids"]) for batch in validation),
         "validation_tokens": sum(int(batch["labels"][:, 1:].numel()) for batch in validation),
         "prompt": args.prompt,
         "num_tokens": args.num_tokens,
@@ -234,10 +314,32 @@ def run(args: argparse.Namespace) -> dict:
         "seeds": args.seeds,
         "levels": args.levels,
         "machine": {
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
         },
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Runs the comparison and returns the results (see ``results.json``)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    model, tokenizer, data = load(args)
+    calibration, validation = calibration_and_validation(data, args, console)
+    with progress_bar(console) as progress:
+        task = progress.add_task("calibrating the head metrics", total=1 + len(args.levels) * len(strategy_runs(args)))
+        metrics = measure_head_metrics(model, calibration)
+        calibration_seconds = time.perf_counter() - started
+        progress.advance(task)
+        records = compare(model, tokenizer, data, metrics, validation, args, progress, task, started)
+    return {
+        **describe(args, find_gates(model), calibration, validation),
         "calibration_seconds": calibration_seconds,
         "total_seconds": time.perf_counter() - started,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -254,9 +356,18 @@ def summarise(results: dict) -> dict[str, dict[float, dict]]:
         for level in results["levels"]:
             rows = [row for row in results["results"] if row["strategy"] == name and row["level"] == level]
             summary[name][level] = {
-                quantity: {"median": statistics.median(row[quantity] for row in rows),
-                           "min": min(row[quantity] for row in rows), "max": max(row[quantity] for row in rows)}
-                for quantity in ("perplexity", "tokens_per_second", "lexical_diversity", "repetition_score", "heads_pruned")
+                quantity: {
+                    "median": statistics.median(row[quantity] for row in rows),
+                    "min": min(row[quantity] for row in rows),
+                    "max": max(row[quantity] for row in rows),
+                }
+                for quantity in (
+                    "perplexity",
+                    "tokens_per_second",
+                    "lexical_diversity",
+                    "repetition_score",
+                    "heads_pruned",
+                )
             }
     return summary
 
@@ -285,9 +396,13 @@ def plot(results: dict, path: str) -> None:
                 axes.fill_between(percent, low, high, color=colours[name], alpha=0.25, linewidth=0)
     recovery = f", {results['recovery_steps']} recovery steps" if results["recovery_steps"] else ", no fine-tuning"
     perplexity_axes.set_yscale("log")
-    perplexity_axes.set_ylabel(f"validation perplexity (log scale, {results['validation_blocks']} blocks of {results['block_size']} tokens)")
+    perplexity_axes.set_ylabel(
+        f"validation perplexity (log scale, {results['validation_blocks']} blocks of {results['block_size']} tokens)"
+    )
     perplexity_axes.set_title(f"Perplexity after pruning{recovery}")
-    speed_axes.set_ylabel(f"generation speed (tokens/s, median of {results['num_runs']} runs of {results['num_tokens']} tokens)")
+    speed_axes.set_ylabel(
+        f"generation speed (tokens/s, median of {results['num_runs']} runs of {results['num_tokens']} tokens)"
+    )
     speed_axes.set_title("Generation speed (gated heads still cost compute)")
     speed_axes.set_ylim(bottom=0)
     for axes in (perplexity_axes, speed_axes):
@@ -309,7 +424,9 @@ def markdown(results: dict) -> str:
             return f"{stats['median']:.{digits}f} [{stats['min']:.{digits}f}, {stats['max']:.{digits}f}]"
         return f"{stats['median']:.{digits}f}"
 
-    header = ["level", "heads pruned"] + [name if name != "random" else f"random (median [min, max], {seeds} seeds)" for name in names]
+    header = ["level", "heads pruned"] + [
+        name if name != "random" else f"random (median [min, max], {seeds} seeds)" for name in names
+    ]
     lines = [
         "# Pruning strategy comparison",
         "",
@@ -319,8 +436,13 @@ def markdown(results: dict) -> str:
         f"- data: {results['data']}; head metrics on {results['calibration_blocks']} training blocks, perplexity on "
         f"{results['validation_blocks']} validation blocks of {results['block_size']} tokens",
         f"- pruning: global scope, at least {results['min_active_heads_per_layer']} active head(s) per layer; "
-        + (f"{results['recovery_steps']} recovery fine-tuning steps per level" if results["recovery_steps"] else "no fine-tuning"),
-        f"- generation: greedy, exactly {results['num_tokens']} new tokens, median of {results['num_runs']} timed runs, "
+        + (
+            f"{results['recovery_steps']} recovery fine-tuning steps per level"
+            if results["recovery_steps"]
+            else "no fine-tuning"
+        ),
+        f"- generation: greedy, exactly {results['num_tokens']} new tokens, "
+        f"median of {results['num_runs']} timed runs, "
         f"{results['generation_threads']} torch thread(s); prompt {results['prompt']!r}",
         f"- machine: {results['machine']['cpu_count']} CPU cores, torch {results['machine']['torch']}, "
         f"Python {results['machine']['python']}; total time {results['total_seconds'] / 60:.1f} min",
@@ -335,7 +457,9 @@ def markdown(results: dict) -> str:
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for level in results["levels"]:
             pruned = summary[names[0]][level]["heads_pruned"]["median"]
-            row = [f"{level:.0%}", f"{pruned:.0f}"] + [cell(summary[name][level][quantity], digits, name) for name in names]
+            row = [f"{level:.0%}", f"{pruned:.0f}"] + [
+                cell(summary[name][level][quantity], digits, name) for name in names
+            ]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -352,8 +476,10 @@ def main(argv: list[str] | None = None) -> dict:
     with open(os.path.join(args.output_dir, "results.md"), "w") as file:
         file.write(markdown(results))
     plot(results, os.path.join(args.output_dir, "pruning_strategy_comparison.png"))
-    print(f"Wrote {args.output_dir}/pruning_strategy_comparison.png, results.json and results.md "
-          f"in {results['total_seconds'] / 60:.1f} min.")
+    print(
+        f"Wrote {args.output_dir}/pruning_strategy_comparison.png, results.json and results.md "
+        f"in {results['total_seconds'] / 60:.1f} min."
+    )
     return results
 
 

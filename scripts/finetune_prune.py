@@ -1,4 +1,7 @@
-"""The fine-tune-with-pruning job from Python: the same run as ``sentinel-lightning fit``, for users who prefer a script.
+"""The fine-tune-with-pruning job from Python: ``sentinel-lightning fit`` itself, for users who prefer a script.
+
+Every setting left out comes from the CLI's job defaults (``sentinel_lightning.cli.fit``: ``TRAINER_DEFAULTS``,
+``JOB_DEFAULTS`` and the callbacks' class defaults), so this is the same run by construction.
 
     python scripts/finetune_prune.py                                  # embedded SmolLM2-135M, gradient pruning
     python scripts/finetune_prune.py --strategy entropy --epochs 6 --train-batches 50
@@ -9,80 +12,80 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
-import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
-
-from sentinel_lightning import (
-    GatedLanguageModel,
-    GateMonitor,
-    HeadMetrics,
-    HeadPruning,
-    HeadReactivation,
-    LanguageModelingDataModule,
-)
+from sentinel_lightning.callbacks.pruning import DEFAULT_SCHEDULE, DEFAULT_STRATEGY
+from sentinel_lightning.cli.fit import JOB_DEFAULTS, TRAINER_DEFAULTS, run_fit
 from sentinel_lightning.pretrained import byte_level_tokenizer
+from sentinel_lightning.tiny import tiny_model
+
+QUICK_MODEL_FOLDER = "quick_model"
+# --quick: a tiny random Llama and the byte-level tokenizer, in short blocks.
+QUICK_SETTINGS = ["--data.block_size=32", "--data.cache=false", "--model.learning_rate=0.001"]
+
+# This script's option -> the CLI option it sets; unset options keep the CLI's defaults.
+CLI_OPTIONS = {
+    "model": "model.model",
+    "strategy": "pruning.strategy",
+    "schedule": "pruning.schedule",
+    "epochs": "trainer.max_epochs",
+    "train_batches": "trainer.limit_train_batches",
+    "val_batches": "trainer.limit_val_batches",
+    "block_size": "data.block_size",
+    "batch_size": "data.batch_size",
+    "learning_rate": "model.learning_rate",
+    "log_dir": "trainer.default_root_dir",
+}
 
 
-def _tiny_model():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=256, eos_token_id=256, pad_token_id=256,
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The script's options; each defaults to None, meaning the CLI's default (shown in the help)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="hub name or local path; default: the embedded model")
+    parser.add_argument("--strategy", choices=["entropy", "gradient", "random"], help=f"default: {DEFAULT_STRATEGY}")
+    parser.add_argument("--schedule", help=f"JSON: epoch -> fraction; default: {json.dumps(DEFAULT_SCHEDULE)}")
+    parser.add_argument("--epochs", type=int, help=f"default: {TRAINER_DEFAULTS['max_epochs']}")
+    parser.add_argument(
+        "--train-batches", type=int,
+        help=f"training batches per epoch; default: {TRAINER_DEFAULTS['limit_train_batches']}",
     )
-    return AutoModelForCausalLM.from_config(config)
+    parser.add_argument("--val-batches", type=int, help=f"default: {TRAINER_DEFAULTS['limit_val_batches']}")
+    parser.add_argument("--block-size", type=int, help="tokens per sequence; default: the data module's")
+    parser.add_argument("--batch-size", type=int, help="sequences per batch; default: the data module's")
+    parser.add_argument("--learning-rate", type=float, help=f"default: {JOB_DEFAULTS['model.learning_rate']}")
+    parser.add_argument("--log-dir", help="folder of lightning_logs/; default: the working directory")
+    parser.add_argument("--quick", action="store_true", help="a tiny random model and the byte-level tokenizer")
+    return parser.parse_args(argv)
+
+
+def write_quick_model(folder: str) -> str:
+    """Saves ``tiny.tiny_model("llama")`` and the byte-level tokenizer into ``folder``; returns ``folder``."""
+    tiny_model("llama").save_pretrained(folder)
+    byte_level_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def fit_arguments(argv: list[str] | None = None) -> list[str]:
+    """The ``sentinel-lightning fit`` options this script's ``argv`` stands for (none: the CLI's defaults)."""
+    args = parse_args(argv)
+    options = []
+    if args.quick:
+        model_folder = os.path.join(args.log_dir or os.getcwd(), QUICK_MODEL_FOLDER)
+        options += [*QUICK_SETTINGS, f"--model.model={write_quick_model(model_folder)}"]
+    for name, option in CLI_OPTIONS.items():
+        value = getattr(args, name)
+        if value is not None:
+            options.append(f"--{option}={value}")
+    return options
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="hub name or local path; default: the embedded model")
-    parser.add_argument("--strategy", default="gradient", choices=["entropy", "gradient", "random"])
-    parser.add_argument("--schedule", default='{"0": 0.1, "1": 0.2, "2": 0.3}', help="JSON: epoch -> fraction")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--train-batches", type=int, default=8, help="training batches per epoch")
-    parser.add_argument("--val-batches", type=int, default=8)
-    parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--log-dir", default="lightning_logs")
-    parser.add_argument("--quick", action="store_true", help="a tiny random model and the byte-level tokenizer")
-    args = parser.parse_args(argv)
-    schedule = {int(epoch): float(target) for epoch, target in json.loads(args.schedule).items()}
+    """Runs ``sentinel-lightning fit`` with the options of ``argv``; prints and returns its report.
 
-    L.seed_everything(0)
-    if args.quick:
-        model, tokenizer, args.block_size = GatedLanguageModel(_tiny_model(), learning_rate=1e-3), byte_level_tokenizer(), 32
-    else:
-        model, tokenizer = GatedLanguageModel(args.model, learning_rate=args.learning_rate), args.model
-    data = LanguageModelingDataModule(tokenizer=tokenizer, block_size=args.block_size, batch_size=args.batch_size)
-    trainer = L.Trainer(
-        max_epochs=args.epochs,
-        limit_train_batches=args.train_batches,
-        limit_val_batches=args.val_batches,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        gradient_clip_val=1.0,
-        logger=TensorBoardLogger(args.log_dir, name=""),
-        callbacks=[
-            HeadMetrics(),
-            HeadPruning(args.strategy, schedule),
-            HeadReactivation(monitor="val_ppl"),
-            GateMonitor(log_every_n_steps=4),
-            RichProgressBar(),
-        ],
-    )
-    before = trainer.validate(model, data, verbose=False)[0]["val_ppl"]
-    trainer.fit(model, data)
-    after = trainer.validate(model, data, verbose=False)[0]["val_ppl"]
-    result = {
-        "val_ppl_before": before,
-        "val_ppl_after": after,
-        "pruned_fraction": model.gates.sparsity,
-        "pruned_heads": model.gates.pruned_heads(),
-        "checkpoint": trainer.checkpoint_callback.best_model_path,
-    }
+    Returns:
+        ``{"val_ppl_before", "val_ppl_after", "pruned_heads", "total_heads", "pruned_fraction", "checkpoint"}``.
+    """
+    result = run_fit(fit_arguments(argv))
     print(json.dumps(result, indent=2))
     return result
 

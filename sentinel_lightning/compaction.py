@@ -26,8 +26,6 @@ Notation as in ``families.py``: ``L`` layers, ``H`` query heads, ``K`` key/value
 from __future__ import annotations
 
 import copy
-import os
-from typing import Any
 
 import torch
 from torch import nn
@@ -167,57 +165,3 @@ def _copy_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     parameters = dict(module.named_parameters())
     for name, tensor in tensors.items():
         parameters[name].copy_(tensor.contiguous())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Export (moves to the CLI layer later)
-
-
-def export_checkpoint(ckpt_path: str, output_dir: str) -> dict[str, Any]:
-    """Turns a fine-tune-with-pruning checkpoint into a compact model folder that loads and serves on its own.
-
-    The ``GatedLanguageModel`` of the checkpoint is rebuilt, its pruned heads are removed and its gates folded
-    into the weights (``compact``), and the result is written with ``save_pruned``, together with the model's
-    tokenizer when it can be loaded (models built from a config have none).
-
-    Args:
-        ckpt_path: Path of a Lightning checkpoint of a ``GatedLanguageModel``.
-        output_dir: Folder to write the config, the safetensors weights and the tokenizer into.
-
-    Returns:
-        ``{"output_dir", "tokenizer_saved", "heads_before", "heads_after", "parameters_before",
-        "parameters_after", "bytes_before", "bytes_after"}``: head and weight counts and the bytes of the weights
-        before and after compaction (gates excluded, tied weights once).
-    """
-    from sentinel_lightning.module import GatedLanguageModel
-    from sentinel_lightning.pretrained import load_tokenizer
-    from sentinel_lightning.saving import save_pruned
-
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist.")
-    module = GatedLanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu")
-    hparams = module.hparams
-    tokenizer = None
-    if hparams.get("model") is not None or hparams.get("model_config") is None:
-        try:
-            tokenizer = load_tokenizer(hparams.get("model"), hparams.get("gguf_file"))
-        except Exception as error:  # the model folder may have no tokenizer; the weights are what matters
-            print(f"export: no tokenizer saved ({error})")
-    compacted = compact(module)
-    save_pruned(compacted, output_dir, tokenizer)
-    summary = {
-        "output_dir": output_dir,
-        "tokenizer_saved": tokenizer is not None,
-        "heads_before": module.gates.active.numel(),
-        "heads_after": module.gates.num_active,
-        "parameters_before": count_parameters(module.model),
-        "parameters_after": count_parameters(compacted),
-        "bytes_before": weight_bytes(module.model),
-        "bytes_after": weight_bytes(compacted),
-    }
-    print(
-        f"export: {summary['heads_after']}/{summary['heads_before']} heads kept; parameters "
-        f"{summary['parameters_before']:,} -> {summary['parameters_after']:,}; weights {summary['bytes_before']:,} -> "
-        f"{summary['bytes_after']:,} bytes; written to {output_dir}"
-    )
-    return summary

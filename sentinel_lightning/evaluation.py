@@ -1,7 +1,8 @@
 """Evaluating a (pruned) causal LM: perplexity, generation speed and the quality of generated text.
 
-``evaluate`` reports all three for a model, or for a ``GatedLanguageModel`` checkpoint before and after its
-pruning, and prints them as a table. The ``sentinel-lightning evaluate`` subcommand calls it.
+``evaluate`` measures all three for a model, or for a ``GatedLanguageModel`` checkpoint before and after its
+pruning, and returns them as a dict; the ``sentinel-lightning evaluate`` subcommand (``sentinel_lightning.cli``)
+prints that dict as a table. Perplexity follows the library's one measurement contract, ``metrics.causal_lm_nll``.
 """
 
 from __future__ import annotations
@@ -19,24 +20,11 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from sentinel_lightning.gates import find_gates
-from sentinel_lightning.metrics import IGNORE_INDEX, causal_lm_token_losses
+from sentinel_lightning.gates import find_causal_lm, find_gates
+from sentinel_lightning.metrics import causal_lm_nll
 
 DEFAULT_PROMPT = "In Python, a function definition"
 REPETITION_WINDOW = 50
-
-
-def unwrap_model(model: nn.Module) -> PreTrainedModel:
-    """Returns the Hugging Face causal LM of ``model``: itself, or the ``.model`` of a ``GatedLanguageModel``."""
-    if isinstance(model, PreTrainedModel):
-        return model
-    inner = getattr(model, "model", None)
-    if isinstance(inner, PreTrainedModel):
-        return inner
-    raise TypeError(
-        f"model is a {type(model).__name__}; expected a Hugging Face PreTrainedModel or a module whose .model "
-        "is one (such as GatedLanguageModel)."
-    )
 
 
 @contextlib.contextmanager
@@ -65,7 +53,9 @@ def _num_threads(num_threads: int | None) -> Iterator[None]:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, dataloader: Iterable[dict[str, torch.Tensor]], max_batches: int | None = None) -> float:
+def perplexity(
+    model: nn.Module, dataloader: Iterable[dict[str, torch.Tensor]], max_batches: int | None = None
+) -> float:
     """Token-weighted perplexity: ``exp(total next-token NLL / number of predicted tokens)``.
 
     Padding is excluded: positions whose label is -100 or whose ``attention_mask`` is 0 are not predicted.
@@ -81,23 +71,13 @@ def perplexity(model: nn.Module, dataloader: Iterable[dict[str, torch.Tensor]], 
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches={max_batches} must be a positive integer or None.")
-    causal_lm = unwrap_model(model)
-    device = next(causal_lm.parameters()).device
+    causal_lm = find_causal_lm(model)
     total_nll, total_tokens = 0.0, 0
     with _eval_mode(causal_lm):
         for index, batch in enumerate(dataloader):
             if max_batches is not None and index >= max_batches:
                 break
-            if not isinstance(batch, dict) or "input_ids" not in batch:
-                raise TypeError(f"perplexity needs dict batches with 'input_ids'; got a {type(batch).__name__}.")
-            input_ids = batch["input_ids"].to(device)
-            attention_mask = batch.get("attention_mask")
-            labels = batch.get("labels", batch["input_ids"]).to(device)
-            if attention_mask is not None:
-                attention_mask = attention_mask.to(device)
-                labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
-            logits = causal_lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            nll_sum, tokens = causal_lm_token_losses(logits, labels)
+            nll_sum, tokens = causal_lm_nll(causal_lm, batch)
             total_nll += float(nll_sum)
             total_tokens += int(tokens)
     if total_tokens == 0:
@@ -134,10 +114,11 @@ def measure_inference_speed(
         ``{"tokens_per_second": median over runs, "runs": [tokens per second of each run],
         "seconds": [duration of each run], "num_tokens": num_tokens, "text": the generated continuation}``.
     """
-    for name, value, low in (("num_tokens", num_tokens, 1), ("num_runs", num_runs, 1), ("warmup_tokens", warmup_tokens, 0)):
+    checks = (("num_tokens", num_tokens, 1), ("num_runs", num_runs, 1), ("warmup_tokens", warmup_tokens, 0))
+    for name, value, low in checks:
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
-    causal_lm = unwrap_model(model)
+    causal_lm = find_causal_lm(model)
     device = next(causal_lm.parameters()).device
     encoded = tokenizer(prompt, return_tensors="pt").to(device)
     prompt_length = encoded["input_ids"].shape[1]
@@ -225,6 +206,46 @@ def evaluate_model(
     return result
 
 
+def load_for_evaluation(
+    model: str | None = None, ckpt_path: str | None = None, gguf_file: str | None = None, tokenizer: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The causal LM to evaluate (a checkpoint's gated model, or ``model``) and its tokenizer; see ``evaluate``."""
+    from sentinel_lightning.module import GatedLanguageModel
+    from sentinel_lightning.pretrained import load_causal_lm, load_tokenizer
+
+    module = None
+    if ckpt_path is not None:
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(
+                f"ckpt_path={ckpt_path!r} is not a file; give a GatedLanguageModel checkpoint (.ckpt)."
+            )
+        module = GatedLanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu")
+    causal_lm = load_causal_lm(model, gguf_file) if module is None else module.model
+    if tokenizer is not None:
+        return causal_lm, load_tokenizer(tokenizer)
+    if model is not None or module is None:
+        return causal_lm, load_tokenizer(model, gguf_file)
+    # The tokenizer of the model the checkpoint was trained from.
+    return causal_lm, load_tokenizer(module.hparams.get("model"), module.hparams.get("gguf_file"))
+
+
+def validation_loader(
+    tokenizer: PreTrainedTokenizerBase, data_files: list[str] | None, block_size: int, batch_size: int, cache: bool
+) -> Iterable[dict[str, torch.Tensor]]:
+    """Validation batches (``input_ids``, ``attention_mask``, ``labels``, each ``[batch, block_size]``).
+
+    From ``data_files`` when given, else from the validation split of the embedded corpus.
+    """
+    from sentinel_lightning.data import LanguageModelingDataModule
+
+    source = dict(source="text", train_files=data_files, val_files=data_files) if data_files else {}
+    data = LanguageModelingDataModule(
+        tokenizer=tokenizer, block_size=block_size, batch_size=batch_size, cache=cache, **source
+    )
+    data.setup()
+    return data.val_dataloader()
+
+
 def evaluate(
     model: str | None = None,
     ckpt_path: str | None = None,
@@ -240,10 +261,9 @@ def evaluate(
     cache: bool = True,
     num_threads: int | None = None,
     device: str = "cpu",
-    print_table: bool = True,
     output_file: str | None = None,
 ) -> dict:
-    """Reports perplexity, generation speed and text quality of a model, or of a checkpoint before and after pruning.
+    """Measures perplexity, generation speed and text quality of a model, or of a checkpoint before and after pruning.
 
     For a ``GatedLanguageModel`` checkpoint there are two columns: ``"before"`` (the same weights with every
     pruned gate reactivated to the value it had when pruned) and ``"after"`` (the gates as saved). For a plain
@@ -266,7 +286,6 @@ def evaluate(
         cache: Whether the tokenised perplexity blocks are cached on disk (see ``LanguageModelingDataModule``).
         num_threads: Torch CPU threads while generating; None keeps the current setting.
         device: Device to evaluate on (``"cpu"``, ``"cuda"``, ...).
-        print_table: Whether to print the results as a table.
         output_file: A JSON file to write the results to; None writes none.
 
     Returns:
@@ -274,39 +293,14 @@ def evaluate(
         "repetition_score", "num_words", "text", and for gated models "active_heads", "total_heads",
         "sparsity"}}`` with columns ``"before"`` and ``"after"`` for a checkpoint, ``"model"`` otherwise.
     """
-    from sentinel_lightning.data import LanguageModelingDataModule
-    from sentinel_lightning.pretrained import load_causal_lm, load_tokenizer
-
-    if ckpt_path is not None:
-        from sentinel_lightning.module import GatedLanguageModel
-
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"ckpt_path={ckpt_path!r} is not a file; give a GatedLanguageModel checkpoint (.ckpt).")
-        module = GatedLanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu")
-        evaluated = module.model
-    else:
-        evaluated = load_causal_lm(model, gguf_file)
-    if tokenizer is not None:
-        loaded_tokenizer = load_tokenizer(tokenizer)
-    elif model is not None or ckpt_path is None:
-        loaded_tokenizer = load_tokenizer(model, gguf_file)
-    else:  # the tokenizer of the model the checkpoint was trained from
-        loaded_tokenizer = load_tokenizer(module.hparams.get("model"), module.hparams.get("gguf_file"))
+    evaluated, loaded_tokenizer = load_for_evaluation(model, ckpt_path, gguf_file, tokenizer)
     evaluated = evaluated.to(device)
-    if data_files:
-        data = LanguageModelingDataModule(
-            tokenizer=loaded_tokenizer, source="text", train_files=data_files, val_files=data_files,
-            block_size=block_size, batch_size=batch_size, cache=cache,
-        )
-    else:
-        data = LanguageModelingDataModule(
-            tokenizer=loaded_tokenizer, block_size=block_size, batch_size=batch_size, cache=cache
-        )
-    data.setup()
-    loader = data.val_dataloader()
+    loader = validation_loader(loaded_tokenizer, data_files, block_size, batch_size, cache)
 
     def run() -> dict:
-        return evaluate_model(evaluated, loaded_tokenizer, loader, prompt, num_tokens, num_runs, max_batches, num_threads)
+        return evaluate_model(
+            evaluated, loaded_tokenizer, loader, prompt, num_tokens, num_runs, max_batches, num_threads
+        )
 
     if ckpt_path is None:
         results = {"model": run()}
@@ -315,33 +309,7 @@ def evaluate(
         after = run()
         gates.reactivate(gates.pruned_heads())
         results = {"before": run(), "after": after}
-    if print_table:
-        print_results(results, title=f"Evaluation of {ckpt_path or model or 'the embedded default model'}")
     if output_file is not None:
         with open(output_file, "w") as file:
             json.dump(results, file, indent=1)
     return results
-
-
-def print_results(results: dict[str, dict], title: str = "Evaluation") -> None:
-    """Prints ``evaluate``'s results as a rich table, one column per evaluated variant."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("metric")
-    for column in results:
-        table.add_column(column, justify="right")
-    rows = [
-        ("active heads", lambda r: f"{r['active_heads']}/{r['total_heads']}" if "active_heads" in r else "-"),
-        ("perplexity", lambda r: f"{r['perplexity']:.3f}"),
-        ("tokens / s (median)", lambda r: f"{r['tokens_per_second']:.2f}"),
-        ("lexical diversity", lambda r: f"{r['lexical_diversity']:.3f}"),
-        ("repetition score", lambda r: f"{r['repetition_score']:.3f}"),
-    ]
-    for name, show in rows:
-        table.add_row(name, *(show(result) for result in results.values()))
-    console = Console()
-    console.print(table)
-    for column, result in results.items():
-        console.print(f"[bold]{column}[/bold] continuation: {result['text']!r}", highlight=False)

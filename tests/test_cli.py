@@ -5,13 +5,16 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import byte_tokenizer, tiny_model
-
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sentinel_lightning import load_pruned
+from sentinel_lightning.callbacks.pruning import DEFAULT_SCHEDULE, DEFAULT_STRATEGY
 from sentinel_lightning.cli import main
+from sentinel_lightning.cli.configs import packaged_configs
+from sentinel_lightning.cli.fit import TRAINER_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "sentinel_lightning" / "configs"
 
 
 @pytest.fixture
@@ -63,7 +66,7 @@ def test_fit_from_a_yaml_config_then_validate_the_checkpoint(tmp_path, tiny_mode
 
 def test_strategy_configs_and_bad_values_are_checked(tmp_path, tiny_model_dir):
     for name in ("entropy", "gradient", "random"):
-        overrides = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+        overrides = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
         assert overrides["pruning"]["strategy"] == name
     config = write_config(tmp_path, tiny_model_dir, pruning={"strategy": "random", "schedule": {0: 1.5}})
     with pytest.raises(ValueError, match=r"target 1.5"):
@@ -80,3 +83,37 @@ def _printed_config(*args):
 
 def test_configs_default_yaml_is_the_built_in_default():
     assert _printed_config("--config", "configs/default.yaml") == _printed_config()
+
+
+def _printed_in_process(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("name", ["entropy.yaml", "entropy", "configs/entropy.yaml"])
+def test_a_packaged_config_by_name_works_from_any_folder(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    printed = _printed_in_process(capsys, "--config", name)
+    assert printed["pruning"]["strategy"] == "entropy"
+    assert printed["trainer"]["limit_train_batches"] == TRAINER_DEFAULTS["limit_train_batches"]
+
+
+def test_an_unknown_config_name_errors_with_the_packaged_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "entorpy.yaml", "--print_config"])
+    message = str(exit_info.value.code)
+    assert "--config='entorpy.yaml'" in message
+    assert all(f"{name}.yaml" in message for name in ("default", "entropy", "gradient", "random"))
+
+
+def test_the_job_defaults_come_from_one_place(capsys):
+    assert set(packaged_configs()) == {"default", "entropy", "gradient", "random"}
+    printed = _printed_in_process(capsys)
+    assert printed["pruning"]["strategy"] == DEFAULT_STRATEGY == "gradient"
+    assert {int(epoch): target for epoch, target in printed["pruning"]["schedule"].items()} == DEFAULT_SCHEDULE
+    assert {key: printed["trainer"][key] for key in TRAINER_DEFAULTS} == TRAINER_DEFAULTS
+    # The packaged default.yaml is exactly the built-in default.
+    assert yaml.safe_load((CONFIGS / "default.yaml").read_text()) == printed

@@ -8,6 +8,11 @@ import torch
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "compare_strategies.py")
 
 
+def identical(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """``torch.equal`` where NaN equals NaN (gates keep NaN for "no importance recorded")."""
+    return first.shape == second.shape and bool(((first == second) | (first.isnan() & second.isnan())).all())
+
+
 def load_script():
     spec = importlib.util.spec_from_file_location("compare_strategies", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -60,8 +65,8 @@ def test_recovery_steps_fine_tune_a_copy_with_frozen_gates(tmp_path):
     before = {name: value.clone() for name, value in model.state_dict().items()}
     recovered = script.recover(model, data, steps=2, learning_rate=1e-2)
     after = model.state_dict()
-    assert all(torch.equal(before[name], after[name]) for name in before)  # the original is untouched
-    changed = [name for name, value in recovered.state_dict().items() if not torch.equal(value, before[name])]
+    assert all(identical(before[name], after[name]) for name in before)  # the original is untouched
+    changed = [name for name, value in recovered.state_dict().items() if not identical(value, before[name])]
     assert changed and not any("head_gates" in name for name in changed)  # weights trained, gates frozen
     assert recovered.head_gates.pruned_heads() == [(0, 1), (1, 2)]
 
@@ -74,3 +79,18 @@ def test_bad_arguments_name_the_option(capsys):
     with pytest.raises(SystemExit):
         script.parse_args(["--recovery-steps", "-1"])
     assert "--recovery-steps=-1" in capsys.readouterr().err
+
+
+def test_the_script_is_thin_over_the_package():
+    script = load_script()
+    with open(SCRIPT) as file:
+        source = file.read()
+    assert not hasattr(script, "tiny_llama") and "LlamaConfig" not in source  # the package's tiny model
+    assert "causal_lm_token_losses" not in source and "log_softmax" not in source  # no evaluation of its own
+    # Gates change only through gates.prune and gates.reactivate.
+    assert ".active[" not in source and ".values.data" not in source and "fill_(" not in source
+    model, _, _ = script.load(script.parse_args(["--quick"]))
+    from sentinel_lightning.tiny import tiny_model
+
+    reference = tiny_model("llama", seed=0)
+    assert all(torch.equal(value, model.state_dict()[name]) for name, value in reference.state_dict().items())

@@ -5,8 +5,10 @@ import pytest
 import torch
 from conftest import byte_tokenizer, tiny_data, tiny_model, tiny_trainer
 
-from sentinel_lightning import GatedLanguageModel
-from sentinel_lightning.evaluation import evaluate, measure_inference_speed, perplexity, text_quality
+from sentinel_lightning import GatedLanguageModel, evaluation
+from sentinel_lightning.cli import main
+from sentinel_lightning.cli.evaluate import evaluate
+from sentinel_lightning.evaluation import measure_inference_speed, perplexity, text_quality
 
 EOS = 256
 
@@ -128,3 +130,19 @@ def test_evaluate_a_plain_model_has_one_column(tmp_path):
     assert list(results) == ["model"]
     assert results["model"]["perplexity"] > 1.0 and "active_heads" not in results["model"]
     assert json.loads(output.read_text()) == results
+
+
+def test_the_library_evaluation_returns_and_the_cli_prints(tmp_path, capsys):
+    folder = str(tmp_path / "model")
+    tiny_model("gpt2").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    options = dict(model=folder, num_tokens=4, num_runs=1, block_size=32, max_batches=1, cache=False)
+    capsys.readouterr()
+    results = evaluation.evaluate(**options)
+    assert list(results) == ["model"] and results["model"]["perplexity"] > 1.0
+    assert capsys.readouterr().out == ""  # library modules never print
+    assert not hasattr(evaluation, "print_results") and not hasattr(evaluation, "unwrap_model")
+
+    main(["evaluate", *(f"--{name}={value}" for name, value in options.items())])
+    printed = capsys.readouterr().out
+    assert "Evaluation of" in printed and "perplexity" in printed and "model continuation" in printed

@@ -1,5 +1,13 @@
 import importlib.util
+import json
 from pathlib import Path
+
+import pytest
+import yaml
+
+from sentinel_lightning.callbacks.pruning import DEFAULT_STRATEGY
+from sentinel_lightning.cli import main
+from sentinel_lightning.cli.fit import JOB_DEFAULTS, TRAINER_DEFAULTS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "finetune_prune.py"
 
@@ -15,3 +23,38 @@ def test_script_fine_tunes_and_prunes_to_the_schedule(tmp_path):
     assert result["pruned_fraction"] == 0.5 and len(result["pruned_heads"]) == 4
     assert result["val_ppl_before"] > 0 and result["val_ppl_after"] > 0
     assert Path(result["checkpoint"]).is_file()
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("finetune_prune", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_script_runs_the_cli_job_with_its_defaults(capsys):
+    script = load_script()
+    assert script.fit_arguments([]) == []  # nothing of its own: every setting is the CLI's default
+    assert script.fit_arguments(["--epochs", "3", "--train-batches", "2"]) == [
+        "--trainer.max_epochs=3", "--trainer.limit_train_batches=2"
+    ]
+    with pytest.raises(SystemExit):
+        main(["fit", *script.fit_arguments([]), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert {key: printed["trainer"][key] for key in TRAINER_DEFAULTS} == TRAINER_DEFAULTS
+    assert printed["trainer"]["limit_train_batches"] == 6 and printed["trainer"]["max_epochs"] == 4
+    assert printed["model"]["learning_rate"] == JOB_DEFAULTS["model.learning_rate"]
+    assert printed["gate_monitor"]["log_every_n_steps"] == JOB_DEFAULTS["gate_monitor.log_every_n_steps"]
+    assert printed["pruning"]["strategy"] == DEFAULT_STRATEGY
+
+
+def test_quick_mode_uses_the_package_tiny_model(tmp_path):
+    from sentinel_lightning.tiny import tiny_config
+
+    script = load_script()
+    assert not hasattr(script, "_tiny_model")
+    options = script.fit_arguments(["--quick", "--log-dir", str(tmp_path)])
+    model_folder = tmp_path / script.QUICK_MODEL_FOLDER
+    assert f"--model.model={model_folder}" in options and (model_folder / "config.json").is_file()
+    saved = json.loads((model_folder / "config.json").read_text())
+    assert saved["hidden_size"] == tiny_config("llama").hidden_size

@@ -1,0 +1,133 @@
+"""``sentinel-lightning fit`` (and ``validate``, ``test``, ``predict``): Lightning's ``LightningCLI`` for the job.
+
+The job is ``GatedLanguageModel`` on ``LanguageModelingDataModule`` with the head callbacks as configurable groups
+(``metrics``, ``pruning``, ``reactivation``, ``gate_monitor``). Its settings come from one place: the callbacks'
+own class defaults (``HeadPruning``'s strategy and schedule among them), plus ``TRAINER_DEFAULTS`` and
+``JOB_DEFAULTS`` below, which ``scripts/finetune_prune.py`` reuses through ``run_fit``. With no arguments,
+``sentinel-lightning fit`` fine-tunes the embedded default model on the embedded corpus with gradient-based head
+pruning after epochs 0, 1 and 2, small enough for a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from rich.console import Console
+from rich.table import Table
+
+from sentinel_lightning.callbacks import GateMonitor, HeadMetrics, HeadPruning, HeadReactivation
+from sentinel_lightning.cli.configs import resolve_config_arguments
+from sentinel_lightning.data import LanguageModelingDataModule
+from sentinel_lightning.gates import find_gates
+from sentinel_lightning.module import GatedLanguageModel
+
+# The job's trainer: a fine-tune-with-pruning run that finishes in minutes on a 2-core CPU.
+TRAINER_DEFAULTS = {
+    "max_epochs": 4,
+    "limit_train_batches": 6,
+    "limit_val_batches": 8,
+    "log_every_n_steps": 1,
+    "gradient_clip_val": 1.0,
+    "num_sanity_val_steps": 0,  # fit is preceded by a full validation anyway
+}
+# The job's other settings that differ from the classes' own defaults.
+JOB_DEFAULTS = {
+    "model.learning_rate": 1e-4,
+    "gate_monitor.log_every_n_steps": 4,
+}
+SEED = 0
+
+
+class SentinelCLI(LightningCLI):
+    """``LightningCLI`` with the head callbacks and a before/after perplexity report around ``fit``.
+
+    After ``fit``, ``report`` holds ``{"val_ppl_before", "val_ppl_after", "pruned_heads" (list of (layer, head)),
+    "total_heads", "pruned_fraction", "checkpoint"}``; rank zero prints it as a table.
+    """
+
+    report: dict[str, Any] | None = None
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(HeadMetrics, "metrics")
+        parser.add_lightning_class_args(HeadPruning, "pruning")
+        parser.add_lightning_class_args(HeadReactivation, "reactivation")
+        parser.add_lightning_class_args(GateMonitor, "gate_monitor")
+        parser.set_defaults(JOB_DEFAULTS)
+
+    def before_instantiate_classes(self) -> None:
+        """The data's tokenizer defaults to the model's own, and progress shows in a rich progress bar."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.data.tokenizer is None and isinstance(config.model.model, str):
+            config.data.tokenizer = config.model.model
+            config.data.gguf_file = config.model.gguf_file
+        callbacks = config.trainer.callbacks or []
+        if config.trainer.enable_progress_bar is not False and not any("ProgressBar" in str(c) for c in callbacks):
+            progress_bar = Namespace(class_path=f"{RichProgressBar.__module__}.RichProgressBar")
+            config.trainer.callbacks = [*callbacks, progress_bar]
+
+    def _validation_perplexity(self) -> float:
+        results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        return float(results[0]["val_ppl"])
+
+    def before_fit(self) -> None:
+        self.perplexity_before = self._validation_perplexity()
+
+    def after_fit(self) -> None:
+        perplexity_after = self._validation_perplexity()
+        gates = find_gates(self.model)
+        checkpoint = self.trainer.checkpoint_callback
+        self.report = {
+            "val_ppl_before": self.perplexity_before,
+            "val_ppl_after": perplexity_after,
+            "pruned_heads": gates.pruned_heads(),
+            "total_heads": gates.active.numel(),
+            "pruned_fraction": gates.sparsity,
+            "checkpoint": getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", ""),
+        }
+        if self.trainer.is_global_zero:
+            print_fit_report(self.report)
+
+
+def print_fit_report(report: dict[str, Any]) -> None:
+    """Prints ``SentinelCLI.report`` as a rich table."""
+    table = Table(title="sentinel-lightning fit")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("validation perplexity before", f"{report['val_ppl_before']:.3f}")
+    table.add_row("validation perplexity after", f"{report['val_ppl_after']:.3f}")
+    table.add_row("heads pruned", f"{len(report['pruned_heads'])} of {report['total_heads']}")
+    table.add_row("pruned fraction", f"{report['pruned_fraction']:.3f}")
+    table.add_row("checkpoint", report["checkpoint"] or "(none)")
+    Console().print(table)
+
+
+def lightning_cli(args: list[str] | None) -> SentinelCLI:
+    """Runs a Lightning subcommand of the job (``fit``, ``validate``, ``test`` or ``predict``).
+
+    Args:
+        args: The subcommand and its options, as on the command line (``--config`` values already resolved);
+            None reads ``sys.argv[1:]``.
+
+    Returns:
+        The ``SentinelCLI`` after its run (``report`` holds the ``fit`` summary).
+    """
+    return SentinelCLI(
+        GatedLanguageModel,
+        LanguageModelingDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        seed_everything_default=SEED,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def run_fit(args: list[str]) -> dict[str, Any]:
+    """``sentinel-lightning fit *args`` from Python, with the job's defaults; returns ``SentinelCLI.report``.
+
+    Raises:
+        ValueError: A ``--config`` value is neither a file nor a packaged config.
+    """
+    return lightning_cli(resolve_config_arguments(["fit", *args])).report
