@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from transformers.utils.quantization_config import GgufConfig
 
 from sentinel_lightning import GatedLanguageModel
-from sentinel_lightning.compaction import compact, count_parameters, export_checkpoint, weight_bytes
+from sentinel_lightning.cli.export import export_checkpoint
+from sentinel_lightning.compaction import compact, count_parameters, weight_bytes
 from sentinel_lightning.families import FAMILIES, EmptyAttention, attention_modules
 from sentinel_lightning.gates import attach_gates, find_gates
 from sentinel_lightning.saving import load_pruned, save_pruned
