@@ -1,0 +1,113 @@
+"""What each head writes into its output projection, recorded inside the model's own forward and backward passes.
+
+While a ``HeadOutputRecording`` is open, two extra forward pre-hooks sit around each layer's gate hook on the
+output projection (whose input is ``[B, T, H * D]``: every head's output side by side):
+
+- before the gate: the heads' outputs ``o[b, t, h, :]`` as the attention computed them, summed over tokens
+  (their mean is what output compensation puts in place of a pruned head);
+- after the gate: a gradient hook on the gated input, so that the backward pass gives each example's gate
+  gradient ``dL/dg[b, h] = sum_t <dL/dx[b, t, h, :], o[b, t, h, :]>`` (``x`` the gated input). Its absolute value,
+  averaged over examples, is the head importance of Michel et al. (2019): the expectation over examples of
+  ``|dL/dg|``, where the batch gradient ``|sum_b dL/dg[b]|`` lets examples cancel.
+
+Padding positions count like tokens here (the library's data packs full blocks; a user's padded batches would
+bias the mean towards what heads write at padding).
+
+Notation: B batch, T positions, L layers, H query heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from sentinel_lightning.families import output_projections
+from sentinel_lightning.gates import HeadGates, find_gates
+
+
+class HeadOutputRecording:
+    """Records every head's output sum and per-example gate gradient while open (one forward and backward).
+
+    Args:
+        model: A gated causal LM (see ``attach_gates``).
+
+    Attributes:
+        output_sums: ``[L, H, D]``: each head's output summed over every position recorded.
+        positions: Number of positions (``B * T``) summed into ``output_sums``.
+        example_importance: ``[L, H]``: ``|dL/dg|`` of each example summed over examples (filled by backward).
+        example_gradient: ``[L, H]``: the signed per-example gradients summed over examples (equal to the gates'
+            gradient for active heads; a check of the bookkeeping).
+        examples: Number of examples whose gradients were recorded.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        gates = find_gates(model)
+        if gates is None:
+            raise ValueError(f"HeadOutputRecording needs a gated model; {type(model).__name__} has no HeadGates.")
+        self.model = model
+        self.gates: HeadGates = gates
+        num_layers, num_heads, head_dim = gates.num_layers, gates.num_heads, gates.head_dim
+        self.output_sums = torch.zeros(num_layers, num_heads, head_dim)
+        self.positions = 0
+        self.example_importance = torch.zeros(num_layers, num_heads)
+        self.example_gradient = torch.zeros(num_layers, num_heads)
+        self.examples = 0
+        self._outputs: dict[int, torch.Tensor] = {}  # layer -> o [B, T, H, D] of the latest forward
+        self._handles: list[RemovableHandle] = []
+
+    def start(self) -> HeadOutputRecording:
+        """Registers the hooks; returns ``self``."""
+        for layer, projection in enumerate(output_projections(self.model)):
+            self._handles.append(projection.register_forward_pre_hook(self._before_gate(layer), prepend=True))
+            self._handles.append(projection.register_forward_pre_hook(self._after_gate(layer)))
+        return self
+
+    def stop(self) -> None:
+        """Removes exactly the hooks ``start`` registered and frees the kept outputs."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._outputs.clear()
+
+    def __enter__(self) -> HeadOutputRecording:
+        return self.start()
+
+    def __exit__(self, *exception) -> None:
+        self.stop()
+
+    def _heads(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.unflatten(-1, (self.gates.num_heads, self.gates.head_dim))  # [B, T, H * D] -> [B, T, H, D]
+
+    def _before_gate(self, layer: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            outputs = self._heads(args[0]).detach()  # [B, T, H, D]
+            self.output_sums[layer] += outputs.float().sum(dim=(0, 1)).cpu()
+            if layer == 0:
+                self.positions += outputs.shape[0] * outputs.shape[1]
+            if torch.is_grad_enabled():
+                self._outputs[layer] = outputs
+
+        return hook
+
+    def _after_gate(self, layer: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            gated = args[0]  # [B, T, H * D]
+            if gated.requires_grad and layer in self._outputs:
+                gated.register_hook(self._gradient_hook(layer))
+
+        return hook
+
+    def _gradient_hook(self, layer: int):
+        def hook(gradient: torch.Tensor) -> None:
+            outputs = self._outputs.pop(layer, None)
+            if outputs is None:
+                return
+            per_example = torch.einsum("bthd,bthd->bh", self._heads(gradient).float(), outputs.float())  # [B, H]
+            per_example = per_example * self.gates.active[layer].to(per_example.dtype)  # a pruned gate has none
+            self.example_importance[layer] += per_example.abs().sum(dim=0).cpu()
+            self.example_gradient[layer] += per_example.sum(dim=0).cpu()
+            if layer == 0:
+                self.examples += per_example.shape[0]
+
+        return hook
