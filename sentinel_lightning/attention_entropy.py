@@ -45,6 +45,27 @@ def real_queries(attention_mask: torch.Tensor | None, batch: int, num_queries: i
     return allowed.float().expand(batch, num_queries)
 
 
+ATTENTION_STATISTICS = ("entropy", "sink_mass", "rest_entropy")
+
+
+def attention_statistics(probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-query statistics of attention distributions ``probs`` ``[B, H, T, S]``, each ``[B, H, T]``.
+
+    - ``entropy``: ``-sum_k p log p`` (nats).
+    - ``sink_mass``: the probability on the first key (position 0), where many heads park attention they do
+      not need.
+    - ``rest_entropy``: the entropy of the distribution over the other keys, renormalised (0 for a query that
+      sees only the first key).
+    """
+    rest = probs[..., 1:]  # [B, H, T, S - 1]
+    rest = rest / rest.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(rest.dtype).tiny)
+    return {
+        "entropy": -torch.special.xlogy(probs, probs).sum(dim=-1),
+        "sink_mass": probs[..., 0],
+        "rest_entropy": -torch.special.xlogy(rest, rest).sum(dim=-1),
+    }
+
+
 class EntropyRecording:
     """Records every head's attention entropy during the forward passes of ``model`` while it is open.
 
@@ -52,7 +73,7 @@ class EntropyRecording:
     twice), so one recording covers one forward pass.
 
     Attributes:
-        sums: Entropy (nats) summed over real query positions, ``[num_layers, num_heads]``.
+        totals: Each of ``ATTENTION_STATISTICS`` summed over real query positions, ``[num_layers, num_heads]``.
         tokens: Number of real query positions seen (the same in every layer).
         recorded: Bool ``[num_layers]``: which layers ran while recording.
     """
@@ -60,22 +81,28 @@ class EntropyRecording:
     def __init__(self, model: PreTrainedModel) -> None:
         num_layers, num_heads, _ = head_shape(model)
         self.model = model
-        self.sums = torch.zeros(num_layers, num_heads)
+        self.totals = {name: torch.zeros(num_layers, num_heads) for name in ATTENTION_STATISTICS}
         self.tokens = 0
         self.recorded = torch.zeros(num_layers, dtype=torch.bool)
         self._previous_implementation: str | None = None
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """Entropy (nats) summed over real query positions, ``[num_layers, num_heads]``."""
+        return self.totals["entropy"]
 
     @property
     def complete(self) -> bool:
         """Whether every layer recorded a forward pass with at least one real query."""
         return bool(self.recorded.all()) and self.tokens > 0
 
-    def record(self, layer: int, entropy: torch.Tensor, queries: torch.Tensor) -> None:
-        """Adds ``entropy`` ``[B, H, T]`` of ``layer`` weighted by ``queries`` ``[B, T]`` (1 = real token)."""
+    def record(self, layer: int, statistics: dict[str, torch.Tensor], queries: torch.Tensor) -> None:
+        """Adds ``statistics`` (each ``[B, H, T]``) of ``layer`` weighted by ``queries`` ``[B, T]`` (1 = real)."""
         if self.recorded[layer]:
             return
         self.recorded[layer] = True
-        self.sums[layer] += torch.einsum("bhq,bq->h", entropy.float(), queries.to(entropy.device)).cpu()
+        for name, values in statistics.items():
+            self.totals[name][layer] += torch.einsum("bhq,bq->h", values.float(), queries.to(values.device)).cpu()
         self.tokens = int(queries.sum())
 
     def start(self) -> EntropyRecording:
@@ -141,8 +168,8 @@ def entropy_attention_forward(
     if recording is not None:
         recorder, layer = recording
         with torch.no_grad():
-            entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)  # [B, H, T]
-            recorder.record(layer, entropy, real_queries(attention_mask, *query.shape[:1], *scores.shape[-2:]))
+            queries = real_queries(attention_mask, query.shape[0], *scores.shape[-2:])  # [B, T]
+            recorder.record(layer, attention_statistics(probs), queries)
     probs = F.dropout(probs, p=dropout, training=module.training).to(value.dtype)
     output = torch.matmul(probs, value)  # [B, H, T, D]
     return output.transpose(1, 2).contiguous(), probs

@@ -41,3 +41,14 @@ def test_uniform_attention_has_log_n_entropy():
     sums, count = attention_entropy(model, tokens)
     expected = sum(torch.log(torch.tensor(float(n))) for n in range(1, 7))  # query i sees i keys
     assert torch.allclose(sums, torch.full((2, 4), expected.item()), atol=1e-5) and count == 6
+
+
+def test_sink_mass_and_rest_entropy_of_known_distributions():
+    from sentinel_lightning.attention_entropy import attention_statistics
+
+    probs = torch.tensor([[[[1.0, 0.0, 0.0], [0.5, 0.25, 0.25], [0.0, 0.5, 0.5]]]])  # [B=1, H=1, T=3, S=3]
+    stats = attention_statistics(probs)
+    assert torch.allclose(stats["sink_mass"], torch.tensor([[[1.0, 0.5, 0.0]]]))
+    log2 = torch.log(torch.tensor(2.0))
+    assert torch.allclose(stats["rest_entropy"], torch.tensor([[[0.0, log2, log2]]]), atol=1e-6)
+    assert torch.allclose(stats["entropy"], torch.tensor([[[0.0, 1.5 * log2, log2]]]), atol=1e-6)
