@@ -5,20 +5,21 @@ the same class whose query, key, value and output projections only hold the head
 the active gates' values folded into the output projection (a head gated at 0.5 keeps computing half its output).
 
 How each family's projections are cut and its attention module resized lives in ``families.py`` (one entry per
-family). Grouped-query families keep a key/value head while any query head of its group is kept, duplicating
-key/value heads where the kept groups are unequal (see ``families.GroupedQueryFamily``); on SmolLM2 (9 query
-heads in 3 groups), keeping 5 or 6 heads per layer usually leaves unequal groups and 5 or 6 key/value heads
-instead of 3 (see ``docs/speed.md``). A layer whose heads are all pruned gets a ``families.EmptyAttention``.
+family). Grouped-query families keep a key/value head while any query head of its group is kept, and never
+repeat one: a layer whose kept groups are unequal reads its key/value heads through an index
+(``pruned_modeling.KeyValueIndexAttention``), so the key/value projections and cache never grow and the
+parameter count drops with every pruned query head. A layer whose heads are all pruned gets a
+``families.EmptyAttention``.
 
 The config of a compacted model records what was kept: ``config.kept_heads[l]`` lists the original query heads
-that layer ``l`` kept and ``config.kept_key_value_heads[l]`` the original key/value head of each of its key/value
-heads (duplicates included; equal to ``kept_heads[l]`` for families without grouped-query attention).
-``saving.load_pruned`` rebuilds the model from these. When every layer keeps the same numbers of query and
-key/value heads and the family's config states ``head_dim`` (the Llama family), ``num_attention_heads`` and
-``num_key_value_heads`` are rewritten as well (where the config class accepts them: ``LlamaConfig`` wants
-``hidden_size`` to be a multiple of ``num_attention_heads``), so the directory also loads with plain
-``AutoModelForCausalLM.from_pretrained``. Other directories make ``from_pretrained`` fail on the weights' shapes
-rather than load wrong weights.
+that layer ``l`` kept, ``config.kept_key_value_heads[l]`` the original key/value heads it kept (no repeats; equal
+to ``kept_heads[l]`` for families without grouped-query attention) and ``config.key_value_index[l][i]`` which of
+those its ``i``-th kept query head reads. ``pruned_modeling.rebuild_layers`` rebuilds the layers from these. When
+every layer keeps the same numbers of query and key/value heads in equal groups (the uniform shape) and the
+family's config states ``head_dim`` (the Llama family), ``num_attention_heads``, ``num_key_value_heads`` and
+``head_dim`` are rewritten as well (where the config class accepts them), so the stock modules describe the
+model and its folder loads with plain ``AutoModelForCausalLM.from_pretrained``. ``saving.save_pruned`` writes
+every other layout with the modeling code it needs (see ``saving``).
 
 Notation as in ``families.py``: ``L`` layers, ``H`` query heads, ``K`` key/value heads, ``D`` head dim.
 """
@@ -34,6 +35,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from sentinel_lightning.families import AttentionFamily, family_of
 from sentinel_lightning.gates import HeadGates, detach_gates, find_causal_lm, find_gates
 from sentinel_lightning.pretrained import forget_quantization
+from sentinel_lightning.pruned_modeling import equal_groups, key_value_indices, resize_attention
 
 # ----------------------------------------------------------------------------------------------------------------
 # Counting
@@ -55,6 +57,27 @@ def _weights(model: nn.Module) -> list[nn.Parameter]:
     return [parameter for parameter in model.parameters() if id(parameter) not in gate_parameters]
 
 
+def kv_cache_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of keys and values that one token adds to the key/value cache, over all layers, in the model's dtype.
+
+    A layer caches ``2 * k * D`` numbers per token (keys and values of its ``k`` key/value heads, each once); a
+    layer whose heads are all pruned caches the 2 numbers of its ``EmptyAttention`` placeholder.
+
+    Args:
+        model: A supported causal LM (compacted or not, gated or not) or a LightningModule holding one.
+    """
+    causal_lm = find_causal_lm(model)
+    family = family_of(causal_lm)
+    num_layers, _, head_dim = family.head_shape(causal_lm)
+    indices = key_value_indices(causal_lm.config)
+    if indices is None:
+        kv_heads = [family.num_key_value_heads(causal_lm.config)] * num_layers
+    else:
+        kv_heads = [len(set(kv_index)) for kv_index in indices]
+    numbers = sum(2 * count * head_dim if count else 2 for count in kv_heads)  # keys and values
+    return numbers * torch.empty((), dtype=causal_lm.dtype).element_size()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Compaction
 
@@ -71,8 +94,9 @@ def compact(model: nn.Module) -> PreTrainedModel:
             is returned as an eval-mode copy (nothing is pruned).
 
     Returns:
-        The compacted model. ``config.kept_heads`` and ``config.kept_key_value_heads`` (lists over layers) record
-        the original heads each layer kept.
+        The compacted model. ``config.kept_heads``, ``config.kept_key_value_heads`` and ``config.key_value_index``
+        (lists over layers) record the original heads each layer kept and which key/value head each query head
+        reads (see the module docstring).
     """
     source = find_causal_lm(model)
     quantized = [name for name, parameter in source.named_parameters() if not parameter.is_floating_point()]
@@ -99,19 +123,20 @@ def compact(model: nn.Module) -> PreTrainedModel:
     previous_heads, previous_kv_heads = _previous_record(compacted, family, num_layers, num_heads)
     num_kv_heads = family.num_key_value_heads(compacted.config)
 
-    kept_heads, kept_kv_heads = [], []
+    kept_heads, kept_kv_heads, kv_indices = [], [], []
     for index, layer in enumerate(family.decoder_layers(compacted)):
         kept = active[index].nonzero().flatten().tolist()
         kv_sources = family.key_value_sources(kept, num_heads, num_kv_heads)
+        kv_index = family.key_value_index(kept, num_heads, num_kv_heads)
         attention = family.attention_of(layer)
         tensors = family.slice_heads(attention, kept, kv_sources, values[index, kept], head_dim)
-        if len(kept) < num_heads or len(kv_sources) != num_kv_heads:
-            attention = family.resize(attention, index, len(kept), len(kv_sources), head_dim)
-            family.set_attention(layer, attention)
+        if len(kept) < num_heads:
+            attention = resize_attention(family, layer, index, kv_index, head_dim)
         _copy_tensors(attention, tensors)
         kept_heads.append([previous_heads[index][head] for head in kept])
         kept_kv_heads.append([previous_kv_heads[index][head] for head in kv_sources])
-    _record(compacted.config, family, kept_heads, kept_kv_heads, head_dim)
+        kv_indices.append(kv_index)
+    _record(compacted.config, family, kept_heads, kept_kv_heads, kv_indices, head_dim)
     return compacted.eval()
 
 
@@ -135,13 +160,16 @@ def _previous_record(model: PreTrainedModel, family: AttentionFamily, num_layers
 
 def _record(
     config: PretrainedConfig, family: AttentionFamily, kept_heads: list[list[int]], kept_kv_heads: list[list[int]],
-    head_dim: int,
+    kv_indices: list[list[int]], head_dim: int,
 ) -> None:
-    """Writes the kept heads into ``config`` and, where stock modules can express it, the uniform head counts."""
+    """Writes the kept heads into ``config`` and, for the uniform shape where the config can state it, the head
+    counts (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``) that the stock modules then build."""
     config.kept_heads = kept_heads
     config.kept_key_value_heads = kept_kv_heads
+    config.key_value_index = kv_indices
     shapes = {(len(heads), len(kv_heads)) for heads, kv_heads in zip(kept_heads, kept_kv_heads)}
-    if not family.config_has_head_dim or len(shapes) != 1:
+    uniform = len(shapes) == 1 and all(equal_groups(kv_index) for kv_index in kv_indices)
+    if not family.config_has_head_dim or not uniform:
         return
     (num_heads, num_kv_heads), = shapes
     if num_heads == 0:

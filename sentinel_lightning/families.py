@@ -10,11 +10,12 @@ Query head ``q`` reads key/value head ``q // G``. Everything outside this module
 family (``family_of(model)``) where the layers, attention modules and output projections are, how to slice the
 projections for kept heads and how to resize an attention module. ``FAMILIES`` maps ``config.model_type`` to
 one ``AttentionFamily``; adding a family is one new entry there (plus its line in the parametrised tests).
+
+This module is standalone: it imports only torch and transformers, because ``save_pruned`` copies it (with
+``pruned_modeling.py``) into the folders of compacted models, which then load without sentinel-lightning.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -168,7 +169,7 @@ class AttentionFamily:
         return config.num_attention_heads // self.num_key_value_heads(config)
 
     def key_value_sources(self, kept: list[int], num_heads: int, num_kv_heads: int) -> list[int]:
-        """The original key/value head of each key/value head a layer keeps with query heads ``kept``.
+        """The key/value heads a layer keeps with query heads ``kept``: those read by a kept query head, no repeats.
 
         Without grouped-query attention every kept query head keeps its own key/value head.
 
@@ -178,9 +179,23 @@ class AttentionFamily:
             num_kv_heads: ``K`` of the layer before compaction.
 
         Returns:
-            Key/value head indices; kept query head ``i`` reads entry ``i // (h // len(result))``.
+            Original key/value head indices, ascending (``k <= min(h, K)`` of them).
         """
-        return list(kept)
+        group_size = self._kept_group_size(num_heads, num_kv_heads)
+        return sorted({head // group_size for head in kept})
+
+    def key_value_index(self, kept: list[int], num_heads: int, num_kv_heads: int) -> list[int]:
+        """Which kept key/value head each kept query head reads: positions in ``key_value_sources``, ``h`` of them.
+
+        Ascending, since query head ``q`` reads key/value head ``q // G``; every group keeps at least one query head.
+        """
+        group_size = self._kept_group_size(num_heads, num_kv_heads)
+        position = {kv_head: i for i, kv_head in enumerate(self.key_value_sources(kept, num_heads, num_kv_heads))}
+        return [position[head // group_size] for head in kept]
+
+    def _kept_group_size(self, num_heads: int, num_kv_heads: int) -> int:
+        """``G``: ``H // K`` with grouped-query attention, else 1 (each query head has its own key/value head)."""
+        return num_heads // num_kv_heads if self.grouped_query else 1
 
     # Weight surgery
 
@@ -356,14 +371,12 @@ class OPTFamily(SeparateProjectionsFamily):
 class GroupedQueryFamily(SeparateProjectionsFamily):
     """Llama, Mistral, Qwen2: grouped-query attention, query head ``q`` reads key/value head ``q // G``.
 
-    Query heads are removed one by one and a key/value head only when every query head of its group is pruned.
-    The kept groups may then hold different numbers of query heads (say 3, 1 and 2), which one
-    ``num_key_value_groups`` cannot express. Such a layer duplicates key/value heads so that every group has the
-    same size: with ``g`` the greatest common divisor of the kept group sizes, a key/value head whose group keeps
-    ``c`` query heads appears ``c / g`` times and the layer's ``num_key_value_groups`` is ``g``. This is exact
-    (rotary embeddings do not depend on the head), keeps the stock attention modules and every attention
-    implementation (eager, SDPA, flash), and costs only the duplicated rows of ``k_proj``/``v_proj`` and their
-    cache; a layer whose groups stay equal duplicates nothing.
+    Query heads are removed one by one and a key/value head only when every query head of its group is pruned;
+    key/value heads are never repeated, so the key/value projections and cache only shrink. A layer whose kept
+    groups stay equal (each kept key/value head read by the same number ``g`` of query heads) keeps the stock
+    module with ``num_key_value_groups = g``. Kept groups of different sizes (say 3, 1 and 2 query heads) cannot
+    be expressed by one ``num_key_value_groups``: ``pruned_modeling.resize_attention`` then gives the layer an
+    attention that expands the key/value heads to the query heads by an index (``key_value_index``).
 
     Args:
         model_type: The ``config.model_type`` served.
@@ -380,21 +393,9 @@ class GroupedQueryFamily(SeparateProjectionsFamily):
     def num_key_value_heads(self, config: PretrainedConfig) -> int:
         return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
-    def key_value_sources(self, kept: list[int], num_heads: int, num_kv_heads: int) -> list[int]:
-        """Key/value heads of the kept groups, duplicated so that every group has the same size (class docstring)."""
-        group_size = num_heads // num_kv_heads  # G
-        counts = [0] * num_kv_heads  # kept query heads per key/value head
-        for head in kept:
-            counts[head // group_size] += 1
-        kept_groups = [count for count in counts if count]
-        if not kept_groups:
-            return []
-        uniform = math.gcd(*kept_groups)
-        return [kv_head for kv_head, count in enumerate(counts) for _ in range(count // uniform)]
-
     def _resize_kept(self, attention: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super()._resize_kept(attention, num_heads, num_kv_heads, head_dim)
-        attention.num_key_value_groups = num_heads // num_kv_heads
+        attention.num_key_value_groups = num_heads // num_kv_heads  # exact for equal groups only (class docstring)
 
     def tiny_config(self, num_layers: int, num_heads: int, num_kv_heads: int, width: int, **common) -> PretrainedConfig:
         return self.config_class(

@@ -1,23 +1,55 @@
 """Saving and loading compacted models: config, safetensors and tokenizer, with per-layer head counts.
 
-``save_pruned`` writes a compacted model (compacting a gated one first); ``load_pruned`` rebuilds each layer's
-attention with the head counts the config records (``config.kept_heads``, ``config.kept_key_value_heads``, see
-``compaction``) before transformers loads the weights into it.
+``save_pruned`` writes a compacted model (compacting a gated one first). A folder whose layout the config's head
+counts describe (never compacted, or the uniform shape of the Llama family, see ``compaction``) is a plain
+transformers folder. Any other layout (layers with different head counts, unequal key/value groups, a fully
+pruned layer, GPT-2, OPT and GPT-NeoX) is saved with the modeling code it needs: ``families.py`` and
+``pruned_modeling.py`` copied from this package, and a generated ``modeling_pruned.py`` whose
+``Pruned<Class>`` rebuilds the layers; ``config.auto_map`` points ``AutoModelForCausalLM`` at it, so
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads it without sentinel-lightning.
+
+``load_pruned`` loads every such folder, rebuilding each layer's attention with the layout the config records
+(``pruned_modeling.rebuild_layers``) before transformers loads the weights into it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 from typing import Any
 
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from sentinel_lightning import families, pruned_modeling
 from sentinel_lightning.compaction import compact
-from sentinel_lightning.families import family_of
 from sentinel_lightning.gates import find_causal_lm, find_gates
+from sentinel_lightning.pruned_modeling import rebuild_layers, stock_describes
+
+MODELING_MODULE = "modeling_pruned"  # the generated entry module of a folder saved with modeling code
+_MODELING_TEMPLATE = '''"""Written by sentinel-lightning's save_pruned: {base} with the attention layers of its config.
+
+Loads with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``; needs torch and transformers.
+"""
+
+from {base_module} import {base}
+
+from .pruned_modeling import rebuild_layers, share_checkpoint_conversions
+
+
+class {name}({base}):
+    """{base} whose layers keep the heads ``config.kept_heads`` records (see ``pruned_modeling``)."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        rebuild_layers(self)
+
+
+share_checkpoint_conversions({name}, {base})
+'''
 
 
 @contextlib.contextmanager
@@ -51,7 +83,8 @@ def save_pruned(model: nn.Module, directory: str, tokenizer=None) -> str:
         tokenizer: A tokenizer to save alongside, or None.
 
     Returns:
-        ``directory``, which ``load_pruned`` (and, for uniform Llama-family models, ``from_pretrained``) loads.
+        ``directory``, which ``load_pruned`` and ``AutoModelForCausalLM.from_pretrained`` load (with
+        ``trust_remote_code=True`` unless the config's head counts describe every layer; see the module docstring).
     """
     causal_lm = find_causal_lm(model)
     if find_gates(causal_lm) is not None:
@@ -59,34 +92,40 @@ def save_pruned(model: nn.Module, directory: str, tokenizer=None) -> str:
     os.makedirs(directory, exist_ok=True)
     with _without_quantization_config(causal_lm):
         causal_lm.save_pretrained(directory)
+    if not stock_describes(causal_lm):
+        _write_modeling_code(causal_lm, directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory
 
 
-def _rebuild_layers(model: PreTrainedModel) -> None:
-    """Gives a model built from a compacted config the per-layer head counts its config records."""
-    config = model.config
-    kept_heads = getattr(config, "kept_heads", None)
-    if kept_heads is None:
-        return
-    kept_kv_heads = getattr(config, "kept_key_value_heads", None) or kept_heads
-    family = family_of(model)
-    layers = family.decoder_layers(model)
-    if not (len(kept_heads) == len(kept_kv_heads) == len(layers)):
-        raise ValueError(
-            f"config.kept_heads has {len(kept_heads)} and config.kept_key_value_heads {len(kept_kv_heads)} layers, "
-            f"but the model has {len(layers)} decoder layers."
-        )
-    _, _, head_dim = family.head_shape(model)
-    for index, (layer, heads, kv_heads) in enumerate(zip(layers, kept_heads, kept_kv_heads)):
-        if heads and len(heads) % max(len(kv_heads), 1):
-            raise ValueError(
-                f"config.kept_heads: layer {index} keeps {len(heads)} query heads, not a multiple of its "
-                f"{len(kv_heads)} key/value heads."
-            )
-        resized = family.resize(family.attention_of(layer), index, len(heads), len(kv_heads), head_dim)
-        family.set_attention(layer, resized)
+def _write_modeling_code(model: PreTrainedModel, directory: str) -> None:
+    """Copies the standalone modules into ``directory``, writes ``modeling_pruned.py`` and points the config at it.
+
+    ``from_pretrained(..., trust_remote_code=True)`` then imports ``modeling_pruned.py``, which transformers copies
+    together with the files it imports relatively (``pruned_modeling.py``, and ``families.py`` through it).
+    """
+    for module in (families, pruned_modeling):
+        shutil.copyfile(module.__file__, os.path.join(directory, os.path.basename(module.__file__)))
+    base = _causal_lm_class(type(model.config))
+    name = f"Pruned{base.__name__}"
+    code = _MODELING_TEMPLATE.format(base=base.__name__, base_module=base.__module__, name=name)
+    with open(os.path.join(directory, f"{MODELING_MODULE}.py"), "w", encoding="utf-8") as file:
+        file.write(code)
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path, encoding="utf-8") as file:
+        config = json.load(file)
+    config["auto_map"] = {**config.get("auto_map", {}), "AutoModelForCausalLM": f"{MODELING_MODULE}.{name}"}
+    with open(config_path, "w", encoding="utf-8") as file:
+        json.dump(config, file, indent=2, sort_keys=True)
+        file.write("\n")
+
+
+def _causal_lm_class(config_class: type) -> type[PreTrainedModel]:
+    """The transformers causal LM class of a config class (e.g. ``LlamaForCausalLM`` for ``LlamaConfig``)."""
+    if config_class not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"A {config_class.__name__} is not the config of a causal LM that transformers knows.")
+    return MODEL_FOR_CAUSAL_LM_MAPPING[config_class]
 
 
 def load_pruned(directory: str, **kwargs: Any) -> PreTrainedModel:
@@ -111,7 +150,7 @@ def load_pruned(directory: str, **kwargs: Any) -> PreTrainedModel:
 
     def __init__(self, config, *args, **kwargs) -> None:
         base.__init__(self, config, *args, **kwargs)
-        _rebuild_layers(self)  # the kept heads' shapes, before from_pretrained loads the weights into them
+        rebuild_layers(self)  # the kept heads' shapes, before from_pretrained loads the weights into them
 
     # Named like the base class, which is how transformers finds the family's checkpoint key renamings.
     pruned_class = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})

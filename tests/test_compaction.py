@@ -1,20 +1,21 @@
-"""Compaction: pruned heads leave the weights, logits and greedy generation stay, and the result saves and loads."""
+"""Compaction: pruned heads leave the weights (key/value heads never repeated), logits and greedy generation stay."""
 
-import json
+import copy
+import itertools
 import os
+import pickle
 
 import pytest
 import torch
 from conftest import VOCAB, byte_tokenizer, tiny_data, tiny_model, tiny_trainer
-from transformers import AutoModelForCausalLM
-from transformers.utils.quantization_config import GgufConfig
 
 from sentinel_lightning import GatedLanguageModel
 from sentinel_lightning.cli.export import export_checkpoint
-from sentinel_lightning.compaction import compact, count_parameters, weight_bytes
-from sentinel_lightning.families import FAMILIES, EmptyAttention, attention_modules
+from sentinel_lightning.compaction import compact, count_parameters, kv_cache_bytes_per_token, weight_bytes
+from sentinel_lightning.families import FAMILIES, EmptyAttention, attention_modules, family_of
 from sentinel_lightning.gates import attach_gates, find_gates
-from sentinel_lightning.saving import load_pruned, save_pruned
+from sentinel_lightning.pruned_modeling import KeyValueIndexAttention
+from sentinel_lightning.saving import load_pruned
 
 GROUPED = tuple(name for name, entry in FAMILIES.items() if entry.grouped_query)
 
@@ -41,6 +42,24 @@ def greedy(model, prompt, tokens=8):
     )
 
 
+def key_value_widths(model) -> list[int]:
+    """Output features of each layer's key projection (the fused width for GPT-2 / GPT-NeoX, 0 for an empty layer)."""
+    widths = []
+    for attention in attention_modules(model):
+        projection = next((getattr(attention, name) for name in ("k_proj", "c_attn", "query_key_value")
+                           if hasattr(attention, name)), None)
+        widths.append(0 if projection is None else projection.weight.numel())
+    return widths
+
+
+def cached_bytes_per_token(model, tokens) -> int:
+    """Bytes of keys and values the key/value cache really holds after ``tokens`` ``[B, T]``, per token and row."""
+    with torch.no_grad():
+        cache = model(tokens, use_cache=True).cache
+    stored = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+    return stored // tokens.numel()
+
+
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_compact_keeps_logits_and_generation(family, attn_implementation, tokens):
     gated = pruned_model(family, attn_implementation)
@@ -64,12 +83,101 @@ def test_compact_keeps_logits_and_generation(family, attn_implementation, tokens
     assert count_parameters(compacted) < parameters_before
     assert isinstance(attention_modules(compacted)[0], EmptyAttention)
     assert compacted.config.kept_heads == [[], [1, 2, 3], [0, 2]]
-    expected_kv = [[], [0, 1, 1], [0, 1]] if family in GROUPED else [[], [1, 2, 3], [0, 2]]
+    # No key/value head is repeated: layer 1's groups of 1 and 2 query heads keep both key/value heads once.
+    expected_kv = [[], [0, 1], [0, 1]] if family in GROUPED else [[], [1, 2, 3], [0, 2]]
     assert compacted.config.kept_key_value_heads == expected_kv
+    expected_index = [[], [0, 1, 1], [0, 1]] if family in GROUPED else [[], [0, 1, 2], [0, 1]]
+    assert compacted.config.key_value_index == expected_index
+    assert isinstance(attention_modules(compacted)[1], KeyValueIndexAttention) == (family in GROUPED)
+    assert all(after <= before for after, before in zip(key_value_widths(compacted), key_value_widths(gated)))
+    assert kv_cache_bytes_per_token(compacted) < kv_cache_bytes_per_token(gated)
     # The input is left as it was: still gated, same weights, same logits.
     assert find_gates(gated) is not None and count_parameters(gated) == parameters_before
     with torch.no_grad():
         assert torch.equal(gated(tokens).logits, expected)
+
+
+@pytest.mark.parametrize("family", GROUPED)
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_unequal_groups_keep_logits_with_fewer_key_value_heads(family, attn_implementation, tokens):
+    """9 query heads in 3 groups; the kept groups hold 3, 1 and 2 query heads in layer 0 and 1, 2, 0 in layer 1."""
+    gated = tiny_model(family, num_layers=2, num_heads=9, num_kv_heads=3, width=72)
+    gated.config._attn_implementation = attn_implementation
+    gates = attach_gates(gated)
+    with torch.no_grad():
+        gates.values.copy_(torch.linspace(0.5, 1.5, 18).reshape(2, 9))
+    gates.prune([(0, 4), (0, 5), (0, 8), (1, 1), (1, 2), (1, 5), (1, 6), (1, 7), (1, 8)])
+    with torch.no_grad():
+        expected = gated(tokens).logits
+
+    compacted = compact(gated)
+
+    with torch.no_grad():
+        assert (compacted(tokens).logits - expected).abs().max().item() <= 1e-4
+    assert torch.equal(greedy(compacted, tokens[:1]), greedy(gated, tokens[:1]))
+    assert compacted.config.kept_key_value_heads == [[0, 1, 2], [0, 1]]
+    assert compacted.config.key_value_index == [[0, 0, 0, 1, 2, 2], [0, 1, 1]]
+    head_dim = 8
+    assert key_value_widths(compacted) == [3 * head_dim * 72, 2 * head_dim * 72]  # k_proj [k * D, C]
+    assert [attention.num_key_value_groups for attention in attention_modules(compacted)] == [1, 1]
+    # The cache holds only the kept key/value heads: (3 + 2) heads, keys and values, float32.
+    assert kv_cache_bytes_per_token(compacted) == cached_bytes_per_token(compacted, tokens) == 5 * 2 * head_dim * 4
+
+
+def test_every_pruned_query_head_lowers_the_parameter_count():
+    model = tiny_model("llama", num_layers=1, num_heads=6, num_kv_heads=2, width=48)
+    gates = attach_gates(model)
+    counts, kv_bytes = [count_parameters(model)], [kv_cache_bytes_per_token(model)]
+    for head in (0, 4, 1, 3, 5):  # leaves unequal groups on the way
+        gates.prune([(0, head)])
+        compacted = compact(model)
+        counts.append(count_parameters(compacted))
+        kv_bytes.append(kv_cache_bytes_per_token(compacted))
+    assert all(after < before for before, after in itertools.pairwise(counts))
+    assert all(after <= before for before, after in itertools.pairwise(kv_bytes))
+    assert kv_bytes[-1] == kv_bytes[0] // 2  # one key/value head left of 2
+
+
+def test_kv_cache_bytes_per_token_counts_what_the_cache_stores(family, tokens):
+    gated = pruned_model(family)
+    compacted = compact(gated)
+    _, _, head_dim = family_of(gated).head_shape(gated)
+    num_kv = 2 if family in GROUPED else 4
+    assert kv_cache_bytes_per_token(gated) == 3 * 2 * num_kv * head_dim * 4 == cached_bytes_per_token(gated, tokens)
+    kept_kv = [0, 2, 2] if family in GROUPED else [0, 3, 2]
+    expected = sum(2 * count * head_dim * 4 if count else 2 * 4 for count in kept_kv)  # the empty layer: 2 numbers
+    assert kv_cache_bytes_per_token(compacted) == expected == cached_bytes_per_token(compacted, tokens)
+    assert kv_cache_bytes_per_token(compacted.to(torch.bfloat16)) == expected // 2
+
+
+def test_key_value_index_attention_copies_and_pickles(tokens):
+    compacted = compact(pruned_model("llama"))
+    with torch.no_grad():
+        expected = compacted(tokens).logits
+    for copied in (copy.deepcopy(compacted), pickle.loads(pickle.dumps(compacted))):
+        attention = attention_modules(copied)[1]
+        assert isinstance(attention, KeyValueIndexAttention) and attention.kv_index == (0, 1, 1)
+        with torch.no_grad():
+            assert torch.equal(copied(tokens).logits, expected)
+
+
+def test_a_uniform_compacted_model_compacts_again_to_unequal_groups(tokens):
+    gated = tiny_model("llama", num_layers=2, num_heads=6, num_kv_heads=2, width=48)
+    attach_gates(gated).prune([(0, 0), (0, 4), (1, 2), (1, 3)])  # uniform: 4 query heads in groups of 2
+    first = compact(gated)
+    assert (first.config.num_attention_heads, first.config.num_key_value_heads, first.config.head_dim) == (4, 2, 8)
+    attach_gates(first).prune([(0, 1), (1, 3)])
+    with torch.no_grad():
+        expected = first(tokens).logits
+
+    second = compact(first)
+
+    with torch.no_grad():
+        assert (second(tokens).logits - expected).abs().max().item() <= 1e-4
+    assert second.config.kept_heads == [[1, 3, 5], [0, 1, 4]]  # original heads of the first model
+    assert second.config.kept_key_value_heads == [[0, 1], [0, 1]]
+    assert second.config.key_value_index == [[0, 1, 1], [0, 0, 1]]
+    assert all(isinstance(attention, KeyValueIndexAttention) for attention in attention_modules(second))
 
 
 def test_compact_takes_a_lightning_module(tokens):
@@ -82,59 +190,18 @@ def test_compact_takes_a_lightning_module(tokens):
 
 
 @pytest.mark.parametrize(
-    "kept, expected",
+    "kept, sources, index",
     [
-        ([0, 1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 2]),  # nothing pruned: groups of 3
-        ([0, 1, 3, 4], [0, 1]),  # equal groups of 2: no duplication
-        ([0, 1, 2, 3, 6, 7], [0, 0, 0, 1, 2, 2]),  # groups of 3, 1 and 2: duplicated to groups of 1
-        ([0, 1, 2, 6, 7, 8], [0, 2]),  # a whole group pruned: its key/value head goes
-        ([], []),
+        ([0, 1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 2], [0, 0, 0, 1, 1, 1, 2, 2, 2]),  # nothing pruned: groups of 3
+        ([0, 1, 3, 4], [0, 1], [0, 0, 1, 1]),  # equal groups of 2
+        ([0, 1, 2, 3, 6, 7], [0, 1, 2], [0, 0, 0, 1, 2, 2]),  # groups of 3, 1 and 2: each key/value head once
+        ([0, 1, 2, 6, 7, 8], [0, 2], [0, 0, 0, 1, 1, 1]),  # a whole group pruned: its key/value head goes
+        ([], [], []),
     ],
 )
-def test_key_value_sources_make_groups_uniform(kept, expected):
-    assert FAMILIES["llama"].key_value_sources(kept, num_heads=9, num_kv_heads=3) == expected
-
-
-def test_save_and_load_pruned_round_trip(family, tokens, tmp_path):
-    gated = pruned_model(family)
-    save_pruned(gated, str(tmp_path), tokenizer=byte_tokenizer())  # compacts on the way
-    loaded = load_pruned(str(tmp_path))
-    with torch.no_grad():
-        assert (loaded(tokens).logits - gated(tokens).logits).abs().max().item() <= 1e-4
-    assert type(loaded) is type(gated)
-    assert count_parameters(loaded) == count_parameters(compact(gated))
-    assert os.path.isfile(tmp_path / "model.safetensors") and os.path.isfile(tmp_path / "tokenizer.json")
-    assert json.loads((tmp_path / "config.json").read_text())["kept_heads"] == [[], [1, 2, 3], [0, 2]]
-
-
-def test_uniform_llama_loads_with_plain_from_pretrained(tokens, tmp_path):
-    gated = tiny_model("llama", num_layers=2, num_heads=6, num_kv_heads=2, width=48)
-    attach_gates(gated).prune([(0, 0), (0, 4), (1, 2), (1, 3)])  # one query head of each group of 3, every layer
-    save_pruned(gated, str(tmp_path))
-    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
-    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads) == (4, 2)
-    with torch.no_grad():
-        assert (loaded(tokens).logits - gated(tokens).logits).abs().max().item() <= 1e-4
-    assert torch.equal(greedy(loaded, tokens[:1]), greedy(gated, tokens[:1]))
-
-
-def test_unequal_layers_refuse_plain_from_pretrained_but_load_pruned(tokens, tmp_path):
-    gated = tiny_model("llama", num_layers=2, num_heads=6, num_kv_heads=2, width=48)
-    attach_gates(gated).prune([(0, 0), (1, 2), (1, 3)])
-    save_pruned(gated, str(tmp_path))
-    with pytest.raises(RuntimeError):  # never silently re-initialised
-        AutoModelForCausalLM.from_pretrained(str(tmp_path))
-    with torch.no_grad():
-        assert (load_pruned(str(tmp_path))(tokens).logits - gated(tokens).logits).abs().max().item() <= 1e-4
-
-
-def test_save_drops_a_left_over_gguf_quantization_config(tmp_path):
-    model = tiny_model("llama")
-    model.config.quantization_config = GgufConfig(gguf_file="model.gguf", dequantize=True)
-    save_pruned(model, str(tmp_path))
-    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
-    assert model.config.quantization_config is not None  # the caller's model is left as it was
-    load_pruned(str(tmp_path))
+def test_key_value_sources_never_repeat_a_head(kept, sources, index):
+    assert FAMILIES["llama"].key_value_sources(kept, num_heads=9, num_kv_heads=3) == sources
+    assert FAMILIES["llama"].key_value_index(kept, num_heads=9, num_kv_heads=3) == index
 
 
 def test_errors_name_the_argument(tmp_path):

@@ -21,6 +21,7 @@ from sentinel_lightning.families import (
     output_projections,
 )
 from sentinel_lightning.gates import attach_gates, detach_gates
+from sentinel_lightning.pruned_modeling import KeyValueIndexAttention, resize_attention
 from sentinel_lightning.tiny import tiny_config
 
 PRUNED = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]  # layer 0 loses every head; layer 1 keeps unequal groups (1, 2)
@@ -60,14 +61,14 @@ def _surgery(entry: AttentionFamily, model, gates) -> None:
     for index, layer in enumerate(entry.decoder_layers(model)):
         kept = gates.active[index].nonzero().flatten().tolist()
         kv_sources = entry.key_value_sources(kept, num_heads, num_kv)
+        kv_index = entry.key_value_index(kept, num_heads, num_kv)
         attention = entry.attention_of(layer)
         tensors = entry.slice_heads(attention, kept, kv_sources, gates.values[index, kept].detach(), head_dim)
-        resized = entry.resize(attention, index, len(kept), len(kv_sources), head_dim)
+        resized = resize_attention(entry, layer, index, kv_index, head_dim)
         with torch.no_grad():
             result = resized.load_state_dict(tensors, strict=False)
         assert not result.unexpected_keys
         assert sorted(tensors) == sorted(name for name, _ in resized.named_parameters())
-        entry.set_attention(layer, resized)
 
 
 def test_slicing_and_resizing_keep_the_gated_output(family, tokens):
@@ -89,14 +90,18 @@ def test_slicing_and_resizing_keep_the_gated_output(family, tokens):
     kept_width = 3 * head_shape(cut)[2]
     output = family_of(cut).output_projection_of(attention_modules(cut)[1])
     assert output.weight.numel() == kept_width * cut.config.hidden_size  # 3 of 4 heads kept
-    if family_of(cut).grouped_query:  # groups of 1 and 2 query heads: key/value head 1 duplicated, groups of 1
-        assert attention_modules(cut)[1].num_key_value_groups == 1
+    if family_of(cut).grouped_query:  # groups of 1 and 2 query heads: both key/value heads once, read by index
+        attention = attention_modules(cut)[1]
+        assert isinstance(attention, KeyValueIndexAttention) and attention.num_key_value_groups == 1
+        assert attention.kv_index == (0, 1, 1) and attention.k_proj.out_features == 2 * head_shape(cut)[2]
 
 
-def test_grouped_query_families_duplicate_key_value_heads_for_unequal_groups():
+def test_grouped_query_families_never_repeat_key_value_heads_for_unequal_groups():
     for entry in FAMILIES.values():
-        expected = [0, 1, 1] if entry.grouped_query else [1, 2, 3]
+        expected = [0, 1] if entry.grouped_query else [1, 2, 3]
         assert entry.key_value_sources([1, 2, 3], num_heads=4, num_kv_heads=2) == expected
+        assert entry.key_value_index([1, 2, 3], num_heads=4, num_kv_heads=2) == ([0, 1, 1] if entry.grouped_query
+                                                                               else [0, 1, 2])
 
 
 def test_unsupported_model_gives_a_clear_error():
