@@ -1,20 +1,26 @@
 """Pruning strategies: pure functions from per-head metrics to the heads to prune.
 
 A strategy maps the metrics (``{"entropy": [L, H], "grad_norm": [L, H]}``) to a score ``[L, H]``; the heads
-with the highest scores are pruned first. ``select_heads`` then picks the heads under the scope and the
-per-layer minimum, never choosing a head that is already pruned, protected, or scored NaN or infinite.
+with the highest scores are pruned first. ``select_heads`` then picks whole units (a query head, a key/value
+group or a layer) under the scope and the per-layer minimum, never choosing a head that is already pruned,
+protected, or scored NaN or infinite. Everything here is a pure function of tensors; the model's group size
+``G`` comes from the family registry (``families.family_of(model).group_size(model.config)``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import torch
 
 Metrics = Mapping[str, torch.Tensor]
 Strategy = Callable[[Metrics], torch.Tensor]
 
-SCOPES = ("global", "layer")
+SCOPES = ("global", "layer", "uniform")
+UNITS = ("head", "group", "layer")
+_TIE = 1e-9  # slack so that an exact half rounds up despite floating-point noise
 
 
 def entropy_score(metrics: Metrics) -> torch.Tensor:
@@ -57,60 +63,225 @@ def resolve_strategy(strategy: str | Strategy, seed: int = 0) -> Strategy:
     return STRATEGIES[strategy](seed)
 
 
+class Unit(NamedTuple):
+    """A unit that may be pruned: its layer, its active query heads and their mean score."""
+
+    score: float
+    layer: int
+    heads: tuple[int, ...]
+
+
+def resolve_minimum(unit: str, scope: str, min_active_heads_per_layer: int | None) -> int:
+    """Checks that ``unit``, ``scope`` and ``min_active_heads_per_layer`` fit together; returns the minimum.
+
+    ``None`` means 1 for ``unit="head"`` and ``"group"`` (no layer loses its attention) and 0 for ``"layer"``.
+
+    Raises:
+        ValueError: naming the argument, its value and what is allowed.
+    """
+    if unit not in UNITS:
+        raise ValueError(f"unit={unit!r} is not one of {UNITS}.")
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r} is not one of {SCOPES}.")
+    if unit == "layer" and scope != "global":
+        raise ValueError(
+            f"unit='layer' needs scope='global' (whole layers are ranked against each other), got scope={scope!r}: "
+            "scope='layer' and scope='uniform' prune inside every layer."
+        )
+    if min_active_heads_per_layer is None:
+        return 0 if unit == "layer" else 1
+    minimum = min_active_heads_per_layer
+    if not isinstance(minimum, int) or isinstance(minimum, bool) or minimum < 0:
+        raise ValueError(f"min_active_heads_per_layer={minimum!r} must be a non-negative integer.")
+    if unit == "layer" and minimum > 0:
+        raise ValueError(
+            f"unit='layer' removes all heads of a layer, so min_active_heads_per_layer must be 0 or None with it, "
+            f"got min_active_heads_per_layer={minimum}."
+        )
+    return minimum
+
+
+def unit_size(unit: str, num_heads: int, group_size: int) -> int:
+    """Query heads in one unit: 1 (``"head"``), ``G`` (``"group"``) or ``H`` (``"layer"``)."""
+    return {"head": 1, "group": group_size, "layer": num_heads}[unit]
+
+
+def _block_size(unit: str, num_heads: int, group_size: int) -> int:
+    """Heads among which ``scope="uniform"`` prunes the same number of units.
+
+    A key/value group for ``unit="head"`` under grouped-query attention (the pruning is spread evenly over the
+    groups); otherwise the whole layer (a group of one head has nothing to spread over).
+    """
+    return group_size if unit == "head" and group_size > 1 else num_heads
+
+
+def pruning_step(unit: str, scope: str, num_heads: int, group_size: int) -> int:
+    """Query heads per layer that one step of pruning removes: a unit, or under ``"uniform"`` one unit per block.
+
+    With ``H = 9, K = 3`` (``G = 3``): 1 for ``unit="head"``, 3 for ``"group"``, 9 for ``"layer"``; under
+    ``"uniform"`` 3 for ``"head"`` (one head of every group) and 3 for ``"group"``. Without grouped-query
+    attention (``G = 1``) a uniform step is one head per layer.
+    """
+    size = unit_size(unit, num_heads, group_size)
+    return size * num_heads // _block_size(unit, num_heads, group_size) if scope == "uniform" else size
+
+
+def prunable_per_layer(num_heads: int, unit: str, scope: str, group_size: int, minimum: int) -> int:
+    """The most query heads whole steps (``pruning_step``) can prune from one layer that keeps ``minimum`` heads."""
+    step = pruning_step(unit, scope, num_heads, group_size)
+    return step * ((num_heads - minimum) // step)
+
+
+def reachable_count(goal: float, num_layers: int, num_heads: int, unit: str, scope: str, group_size: int) -> int:
+    """The number of pruned query heads nearest ``goal`` that whole units reach, ties rounding up.
+
+    Whole units reach multiples of the unit size; ``scope="uniform"`` reaches multiples of ``num_layers`` times
+    ``pruning_step``. The per-layer minimum is not applied here (see ``prunable_per_layer``).
+    """
+    granule = pruning_step(unit, scope, num_heads, group_size) * (num_layers if scope == "uniform" else 1)
+    return granule * math.floor(goal / granule + 0.5 + _TIE)
+
+
+def uniform_shape(active: torch.Tensor, group_size: int = 1) -> tuple[int, int] | None:
+    """The shape of a uniformly pruned model, or None when the layers or the kept groups differ.
+
+    Args:
+        active: Bool ``[num_layers, num_heads]``.
+        group_size: ``G``, query heads per key/value head (1 without grouped-query attention).
+
+    Returns:
+        ``(kept groups per layer, query heads per kept group)`` when every layer keeps as many groups and every
+        kept group, in every layer, keeps as many query heads; ``(0, 0)`` when every head is pruned.
+    """
+    counts = active.cpu().reshape(active.shape[0], -1, group_size).sum(dim=2)  # [L, K] kept query heads per group
+    groups = (counts > 0).sum(dim=1)  # [L]
+    kept = counts[counts > 0]
+    if (groups != groups[0]).any() or (kept != kept[:1]).any():
+        return None
+    return int(groups[0]), int(kept[0]) if kept.numel() else 0
+
+
+def _candidate_units(
+    scores: torch.Tensor, active: torch.Tensor, protected: torch.Tensor | None, size: int
+) -> list[Unit]:
+    """Every unit of ``size`` heads that may be pruned, highest mean score first (ties: layer, then head).
+
+    A unit may be pruned when it has an active head and none of its active heads is protected or scored NaN or
+    infinite; its score is the mean of its active heads' scores (pruned heads are ignored).
+    """
+    blocked = ~torch.isfinite(scores)
+    if protected is not None:
+        blocked |= protected.cpu()
+    scores, active, blocked = scores.tolist(), active.cpu().tolist(), blocked.tolist()
+    units = []
+    for layer, (layer_active, layer_blocked) in enumerate(zip(active, blocked)):
+        for start in range(0, len(layer_active), size):
+            heads = tuple(head for head in range(start, start + size) if layer_active[head])
+            if heads and not any(layer_blocked[head] for head in heads):
+                units.append(Unit(sum(scores[layer][head] for head in heads) / len(heads), layer, heads))
+    return sorted(units, key=lambda unit: (-unit.score, unit.layer, unit.heads[0]))
+
+
+def _fits(unit: Unit, left: int, remaining: list[int], minimum: int) -> bool:
+    """Whether ``unit`` overshoots the ``left`` heads still wanted by at most half of it and keeps the minimum."""
+    size = len(unit.heads)
+    return 2 * left >= size and remaining[unit.layer] - size >= minimum
+
+
+def _select_global(units: list[Unit], remaining: list[int], count: int, minimum: int) -> list[Unit]:
+    """Takes units in score order wherever they fit."""
+    chosen = []
+    for unit in units:
+        if _fits(unit, count, remaining, minimum):
+            chosen.append(unit)
+            count -= len(unit.heads)
+            remaining[unit.layer] -= len(unit.heads)
+    return chosen
+
+
+def _select_per_layer(units: list[Unit], remaining: list[int], count: int, minimum: int) -> list[Unit]:
+    """Takes, one unit at a time, the best fitting unit of the layer with the most active heads left."""
+    chosen, pending = [], list(units)
+    while fitting := [unit for unit in pending if _fits(unit, count, remaining, minimum)]:
+        layer = max({unit.layer for unit in fitting}, key=lambda index: (remaining[index], -index))
+        unit = next(unit for unit in fitting if unit.layer == layer)
+        pending.remove(unit)
+        chosen.append(unit)
+        count -= len(unit.heads)
+        remaining[unit.layer] -= len(unit.heads)
+    return chosen
+
+
+def _select_uniform(
+    units: list[Unit], active: torch.Tensor, count: int, minimum: int, unit: str, group_size: int
+) -> list[Unit]:
+    """Prunes every block (``_block_size``) of every layer up to the same number of pruned units.
+
+    The number is the one whose uniform shape is nearest the already pruned heads plus ``count`` (ties round up),
+    at most what ``minimum`` allows. Blocks that already have that many pruned units (whole units without an
+    active head) take nothing; the others take their highest-scoring candidates.
+    """
+    num_layers, num_heads = active.shape
+    size, block = unit_size(unit, num_heads, group_size), _block_size(unit, num_heads, group_size)
+    step = pruning_step(unit, "uniform", num_heads, group_size)
+    goal = reachable_count(int((~active).sum()) + count, num_layers, num_heads, unit, "uniform", group_size)
+    per_block = min(goal // num_layers, prunable_per_layer(num_heads, unit, "uniform", group_size, minimum)) // step
+    pruned_units = (~active.cpu()).reshape(num_layers, num_heads // block, block // size, size).all(dim=3).sum(dim=2)
+    queues: dict[tuple[int, int], list[Unit]] = {}
+    for candidate in units:  # in score order
+        queues.setdefault((candidate.layer, candidate.heads[0] // block), []).append(candidate)
+    chosen = []
+    for (layer, index), queue in sorted(queues.items()):
+        chosen += queue[: max(0, per_block - int(pruned_units[layer, index]))]
+    return chosen
+
+
 def select_heads(
     scores: torch.Tensor,
     active: torch.Tensor,
     count: int,
     scope: str = "global",
-    min_active_heads_per_layer: int = 1,
+    min_active_heads_per_layer: int | None = None,
     protected: torch.Tensor | None = None,
+    unit: str = "head",
+    group_size: int = 1,
 ) -> list[tuple[int, int]]:
-    """Chooses up to ``count`` active heads to prune, highest score first.
+    """Chooses about ``count`` active query heads to prune, in whole units, highest score first.
 
     Args:
-        scores: ``[num_layers, num_heads]``; higher is pruned first. NaN or infinite heads are never chosen.
-        active: Bool ``[num_layers, num_heads]``; only active heads are candidates.
-        count: How many heads to prune.
-        scope: ``"global"`` ranks all heads together; ``"layer"`` spreads the pruning evenly over the layers,
-            taking each layer's highest-scoring heads.
-        min_active_heads_per_layer: No layer is left with fewer active heads.
+        scores: ``[num_layers, num_heads]``; higher is pruned first. A unit's score is the mean of its active
+            heads' scores, so that units of any size compare on one scale (a sum would favour or spare the
+            units with more heads left, depending on the sign of the strategy's score).
+        active: Bool ``[num_layers, num_heads]``; only active heads are pruned.
+        count: How many more query heads to prune. Whole units are taken while each overshoots ``count`` by at
+            most half a unit: the result is ``count`` rounded to whole units (ties prune).
+        scope: ``"global"`` ranks all units together; ``"layer"`` spreads the pruning evenly over the layers,
+            taking each layer's highest-scoring units; ``"uniform"`` prunes every layer to the same shape (see
+            ``pruning_step``): ``unit="head"`` takes the same number of heads from every key/value group of
+            every layer (from every layer without grouped-query attention), ``unit="group"`` the same number of
+            groups from every layer. Its total is the uniform one nearest the pruned heads plus ``count``, and
+            blocks that have fewer pruned units (e.g. after reactivation) catch up.
+        min_active_heads_per_layer: No layer is left with fewer active query heads; None means 1 (0 for
+            ``unit="layer"``, which allows only 0). With ``unit="group"`` a layer keeps ``ceil(min / G)`` groups.
         protected: Bool ``[num_layers, num_heads]`` of heads that must not be pruned, or None.
+        unit: ``"head"``, ``"group"`` (a key/value head and the ``G`` query heads that read it: heads
+            ``[k * G, (k + 1) * G)``) or ``"layer"`` (all heads of a layer; only with ``scope="global"``).
+        group_size: ``G``, query heads per key/value head (1 without grouped-query attention).
 
     Returns:
-        ``(layer, head)`` pairs in the order they were chosen; fewer than ``count`` when the constraints
-        leave too few candidates.
+        ``(layer, head)`` pairs, unit by unit in the order they were chosen; a unit with a protected or
+        non-finite active head is never chosen, so fewer heads come back when the constraints leave too few.
     """
-    if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r} is not one of {SCOPES}.")
+    minimum = resolve_minimum(unit, scope, min_active_heads_per_layer)
     if scores.shape != active.shape:
         raise ValueError(f"scores has shape {tuple(scores.shape)} but active has shape {tuple(active.shape)}.")
-    scores = scores.detach().float().cpu()
-    candidates = active.cpu().clone() & torch.isfinite(scores)
-    if protected is not None:
-        candidates &= ~protected.cpu()
-    num_layers, num_heads = scores.shape
-    remaining = active.cpu().sum(dim=1).tolist()  # active heads per layer
-    # Candidates in a deterministic order: score descending, then layer, then head.
-    order = sorted(
-        ((layer, head) for layer, head in candidates.nonzero().tolist()),
-        key=lambda pair: (-scores[pair[0], pair[1]].item(), pair[0], pair[1]),
-    )
-    chosen: list[tuple[int, int]] = []
-    if scope == "global":
-        for layer, head in order:
-            if len(chosen) == count:
-                break
-            if remaining[layer] > min_active_heads_per_layer:
-                chosen.append((layer, head))
-                remaining[layer] -= 1
-        return chosen
-    queues = {layer: [pair for pair in order if pair[0] == layer] for layer in range(num_layers)}
-    while len(chosen) < count:
-        open_layers = [layer for layer in range(num_layers) if queues[layer] and remaining[layer] > min_active_heads_per_layer]
-        if not open_layers:
-            break
-        # The layer with the most active heads left goes next, so every layer ends with about as many.
-        layer = max(open_layers, key=lambda index: (remaining[index], -index))
-        chosen.append(queues[layer].pop(0))
-        remaining[layer] -= 1
-    return chosen
+    num_heads = scores.shape[1]
+    if not isinstance(group_size, int) or group_size < 1 or num_heads % group_size:
+        raise ValueError(f"group_size={group_size!r} must be a positive divisor of num_heads={num_heads}.")
+    units = _candidate_units(scores.detach().float().cpu(), active, protected, unit_size(unit, num_heads, group_size))
+    if scope == "uniform":
+        chosen = _select_uniform(units, active, count, minimum, unit, group_size)
+    else:
+        select = _select_global if scope == "global" else _select_per_layer
+        chosen = select(units, active.cpu().sum(dim=1).tolist(), count, minimum)
+    return [(chosen_unit.layer, head) for chosen_unit in chosen for head in chosen_unit.heads]

@@ -12,8 +12,19 @@ from typing_extensions import override
 
 from sentinel_lightning.callbacks.head_metrics import HeadMetrics
 from sentinel_lightning.events import HeadEvent, find_callback, notify_head_event
-from sentinel_lightning.gates import HeadGates, find_or_attach_gates
-from sentinel_lightning.strategies import SCOPES, Strategy, resolve_strategy, select_heads
+from sentinel_lightning.families import family_of
+from sentinel_lightning.gates import HeadGates, find_causal_lm, find_or_attach_gates
+from sentinel_lightning.strategies import (
+    Strategy,
+    prunable_per_layer,
+    pruning_step,
+    reachable_count,
+    resolve_minimum,
+    resolve_strategy,
+    select_heads,
+    uniform_shape,
+    unit_size,
+)
 
 Schedule = Mapping[int, float] | Callable[[int], float | None]
 # Prune after epochs 0, 1 and 2, so that the last epoch of a 4-epoch run fine-tunes the final pruned model.
@@ -30,10 +41,20 @@ def _check_fraction(target: Any, where: str) -> float:
 
 
 class HeadPruning(L.Callback):
-    """Prunes heads at the end of scheduled training epochs until a target fraction of all heads is pruned.
+    """Prunes heads at the end of scheduled training epochs until a target fraction of all query heads is pruned.
 
     Pruned gates are exactly 0 and stay 0: the effective gate is ``values * active``, so a pruned head's gate
     gets no gradient, and its optimizer state (e.g. AdamW's moments) is cleared when it is pruned.
+
+    Heads are pruned in whole units (``unit``). A unit's score is the mean of its active heads' scores: the mean
+    puts units of any size on one scale, whatever the sign of the strategy's score. The group size ``G = H // K``
+    comes from the model at ``setup`` through the family registry (``K`` from its config; ``G = 1`` without
+    grouped-query attention, where a group is one head). Targets stay fractions of all query heads and are
+    rounded to the nearest number of heads whole units reach, ties rounding up (so never more than half a unit
+    past the target): multiples of the unit size, and under ``scope="uniform"`` multiples of ``num_layers``
+    times the uniform step (``strategies.pruning_step``). A rounding that moves the target by more than half a
+    head is warned about (rank zero), from what to what; a target the constraints cannot reach fails at
+    ``setup``, and a unit with a protected or non-finite head is never chosen.
 
     Args:
         strategy: ``"entropy"`` (highest entropy first), ``"gradient"`` (lowest ``|dL/dgate|`` first),
@@ -42,10 +63,23 @@ class HeadPruning(L.Callback):
         schedule: Maps a training epoch index (Lightning's ``current_epoch``, from 0) to the fraction of all heads
             pruned after it, non-decreasing, each in [0, 1); or a callable of the epoch index returning the
             fraction, or None for no pruning after that epoch. An empty mapping never prunes.
-        scope: ``"global"`` ranks every head together; ``"layer"`` spreads the pruning evenly over the layers.
-        min_active_heads_per_layer: No layer keeps fewer active heads.
+        scope: ``"global"`` ranks every unit together; ``"layer"`` spreads the pruning evenly over the layers;
+            ``"uniform"`` leaves every layer the same shape, so that one config describes the compacted model:
+            with ``unit="head"`` every key/value group of every layer loses the same number of query heads (in
+            steps of ``K`` heads per layer; of one head per layer without grouped-query attention), with
+            ``unit="group"`` every layer loses the same number of whole groups; each layer's and each group's
+            highest-scoring units go. A later event continues from the shape already there; when
+            ``HeadReactivation`` gave heads back, the next event prunes the layers and groups that fell behind
+            back to the uniform shape of its target (choosing among unprotected active heads) and warns if the
+            shape still differs (a protected head in the way, or more pruned than the shape somewhere).
+        min_active_heads_per_layer: No layer keeps fewer active query heads (with ``unit="group"``: at least
+            ``ceil(min / G)`` whole groups). None means 1 for ``unit="head"`` and ``"group"`` and 0 for
+            ``"layer"``, which allows only 0.
         seed: Seed of the ``"random"`` strategy.
         monitor: Logged metric whose value each pruning event records (and ``HeadReactivation`` compares with).
+        unit: What is pruned at once: ``"head"`` (one query head), ``"group"`` (a key/value head together with the
+            ``G`` query heads that read it; this is what shrinks the key/value cache) or ``"layer"`` (a whole
+            attention sublayer; only with ``scope="global"`` and ``min_active_heads_per_layer`` 0 or None).
 
     Heads protected by ``HeadReactivation`` (``HeadGates.protected``) are never chosen; the importance each pruned
     head had is remembered in ``HeadGates.importance_at_pruning``. Both live in the gates, so checkpoints carry them.
@@ -56,9 +90,10 @@ class HeadPruning(L.Callback):
         strategy: str | Strategy = DEFAULT_STRATEGY,
         schedule: dict[int, float] | Callable[[int], float | None] = DEFAULT_SCHEDULE,
         scope: str = "global",
-        min_active_heads_per_layer: int = 1,
+        min_active_heads_per_layer: int | None = None,
         seed: int = 0,
         monitor: str = "val_ppl",
+        unit: str = "head",
     ) -> None:
         self.strategy_name = strategy if isinstance(strategy, str) else getattr(strategy, "__name__", "custom")
         self.score = resolve_strategy(strategy, seed)
@@ -72,18 +107,16 @@ class HeadPruning(L.Callback):
                 target = _check_fraction(schedule[epoch], f"epoch {epoch}")
                 if target < previous:
                     raise ValueError(
-                        f"schedule={dict(schedule)} decreases at epoch {epoch} ({target} < {previous}); targets must be "
-                        "non-decreasing (use HeadReactivation to give heads back)."
+                        f"schedule={dict(schedule)} decreases at epoch {epoch} ({target} < {previous}); targets must "
+                        "be non-decreasing (use HeadReactivation to give heads back)."
                     )
                 previous = target
             schedule = dict(schedule)
-        if scope not in SCOPES:
-            raise ValueError(f"scope={scope!r} is not one of {SCOPES}.")
-        if not isinstance(min_active_heads_per_layer, int) or min_active_heads_per_layer < 0:
-            raise ValueError(f"min_active_heads_per_layer={min_active_heads_per_layer!r} must be a non-negative integer.")
+        self.min_active_heads_per_layer = resolve_minimum(unit, scope, min_active_heads_per_layer)
         self.schedule = schedule
         self.scope = scope
-        self.min_active_heads_per_layer = min_active_heads_per_layer
+        self.unit = unit
+        self.group_size = 1  # G, read from the model at setup
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"monitor={monitor!r} must be the name of a logged metric.")
         self.seed = seed
@@ -105,24 +138,70 @@ class HeadPruning(L.Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._gates = gates = find_or_attach_gates(pl_module)
+        model = find_causal_lm(pl_module)
+        self.group_size = family_of(model).group_size(model.config)
         if self.min_active_heads_per_layer > gates.num_heads:
             raise ValueError(
                 f"min_active_heads_per_layer={self.min_active_heads_per_layer} is larger than the {gates.num_heads} "
                 "heads per layer of this model."
             )
-        prunable = gates.num_layers * (gates.num_heads - self.min_active_heads_per_layer)
-        total = gates.num_layers * gates.num_heads
         if not callable(self.schedule):
             for epoch, target in self.schedule.items():
-                if round(target * total) > prunable:
-                    raise ValueError(
-                        f"schedule target {target} at epoch {epoch} asks for {round(target * total)} of {total} heads, "
-                        f"but min_active_heads_per_layer={self.min_active_heads_per_layer} leaves only {prunable} "
-                        f"prunable (at most {prunable / total:.3f})."
-                    )
+                self._check_reachable(target, epoch)
         if self.strategy_name in METRIC_STRATEGIES and find_callback(trainer, HeadMetrics) is None:
             raise ValueError(
                 f"HeadPruning(strategy={self.strategy_name!r}) needs a HeadMetrics callback in the same Trainer."
+            )
+
+    def _reachable(self, target: float) -> int:
+        """The number of pruned query heads nearest ``target`` that whole units (and the scope's shape) reach."""
+        gates = self._gates
+        goal = target * gates.num_layers * gates.num_heads
+        return reachable_count(goal, gates.num_layers, gates.num_heads, self.unit, self.scope, self.group_size)
+
+    def _check_reachable(self, target: float, epoch: int) -> None:
+        """Fails when the rounded ``target`` needs more heads than the unit, scope and per-layer minimum allow."""
+        gates = self._gates
+        total = gates.num_layers * gates.num_heads
+        prunable = gates.num_layers * prunable_per_layer(
+            gates.num_heads, self.unit, self.scope, self.group_size, self.min_active_heads_per_layer
+        )
+        reached = self._reachable(target)
+        if reached > prunable:
+            raise ValueError(
+                f"schedule target {target} at epoch {epoch} asks for {reached} of {total} heads, but unit="
+                f"{self.unit!r}, scope={self.scope!r} and min_active_heads_per_layer={self.min_active_heads_per_layer} "
+                f"leave only {prunable} prunable (at most {prunable / total:.3f}) with G={self.group_size} query "
+                "heads per key/value head; lower the target or min_active_heads_per_layer."
+            )
+
+    def _warn_if_rounded(self, epoch: int, target: float, reached: int) -> None:
+        """Warns when whole units move ``target`` by more than rounding it to whole heads would."""
+        gates = self._gates
+        total = gates.num_layers * gates.num_heads
+        if abs(reached - target * total) > 0.5 + 1e-9:
+            step = pruning_step(self.unit, self.scope, gates.num_heads, self.group_size)
+            shape = f"{step} heads per layer in every layer" if self.scope == "uniform" else f"units of {step} heads"
+            rank_zero_warn(
+                f"HeadPruning(unit={self.unit!r}, scope={self.scope!r}) at epoch {epoch}: target {target} "
+                f"({target * total:g} of {total} query heads) rounds to {reached / total:.4g} ({reached} heads), the "
+                f"nearest that whole steps of {shape} reach."
+            )
+
+    def _warn_if_short(self, epoch: int, target: float, count: int, heads: list[tuple[int, int]]) -> None:
+        """Warns when the chosen heads fall short of ``count`` by half a unit or more, or break a uniform shape."""
+        gates = self._gates
+        if 2 * (count - len(heads)) >= unit_size(self.unit, gates.num_heads, self.group_size):
+            rank_zero_warn(
+                f"HeadPruning at epoch {epoch}: the target {target} needs {count} more pruned heads but only "
+                f"{len(heads)} had finite scores and were neither protected nor needed for the per-layer minimum "
+                f"(unit={self.unit!r}, scope={self.scope!r})."
+            )
+        if self.scope == "uniform" and uniform_shape(gates.active, self.group_size) is None:
+            rank_zero_warn(
+                f"HeadPruning(scope='uniform') at epoch {epoch}: the pruned model is not uniform (active query heads "
+                f"per layer: {gates.active.sum(dim=1).tolist()}): heads given back by HeadReactivation are protected "
+                "or more heads are pruned somewhere than the target's uniform shape; a later event evens it out."
             )
 
     @override
@@ -133,32 +212,33 @@ class HeadPruning(L.Callback):
             return
         gates = self._gates
         total = gates.num_layers * gates.num_heads
-        count = round(target * total) - (total - gates.num_active)
+        reached = self._reachable(target)
+        self._warn_if_rounded(epoch, target, reached)
+        count = reached - (total - gates.num_active)
         if count <= 0:
             return
         head_metrics = find_callback(trainer, HeadMetrics)
         metrics = {"active": gates.active.cpu()}
         if head_metrics is not None:
             metrics.update({name: value.cpu() for name, value in head_metrics.compute().items()})
-        scores = self.score(metrics)
-        protected = gates.protected(epoch)
-        heads = select_heads(scores, gates.active, count, self.scope, self.min_active_heads_per_layer, protected)
+        heads = select_heads(
+            self.score(metrics), gates.active, count, self.scope, self.min_active_heads_per_layer,
+            gates.protected(epoch), self.unit, self.group_size,
+        )
         heads = trainer.strategy.broadcast(heads, src=0)  # one decision for every rank
-        if len(heads) < count:
-            rank_zero_warn(
-                f"HeadPruning at epoch {epoch}: the target {target} needs {count} more pruned heads but only "
-                f"{len(heads)} had finite scores and were neither protected nor needed for the per-layer minimum."
-            )
+        if heads:
+            self.prune(trainer, gates, heads, metrics.get("grad_norm"))
+        self._warn_if_short(epoch, target, count, heads)
         if not heads:
             return
-        self.prune(trainer, gates, heads, metrics.get("grad_norm"))
         value = trainer.callback_metrics.get(self.monitor)
         event = HeadEvent(
             kind="prune",
             epoch=epoch,
             step=trainer.global_step,
             heads=[tuple(pair) for pair in heads],
-            reason=f"{self.strategy_name} strategy ({self.scope}), target {target:.3f} of {total} heads",
+            reason=f"{self.strategy_name} strategy ({self.scope}, unit {self.unit}), target {target:.3f} of {total} "
+            "heads",
             value=None if value is None else float(value),
             sparsity=gates.sparsity,
             monitor=self.monitor,
@@ -180,7 +260,7 @@ class HeadPruning(L.Callback):
         if gates.values.grad is not None:
             gates.values.grad[pruned] = 0
         for optimizer in trainer.optimizers:
-            for name, state in optimizer.state.get(gates.values, {}).items():
+            for state in optimizer.state.get(gates.values, {}).values():
                 if isinstance(state, torch.Tensor) and state.shape == gates.values.shape:
                     state[pruned] = 0
 
