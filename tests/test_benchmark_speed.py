@@ -1,11 +1,16 @@
-"""The speed benchmark end to end on a tiny model (``--quick``), and its multiply-add count."""
+"""The speed benchmark end to end on a tiny model (``--quick``), its options, scopes and multiply-add count."""
 
+import copy
 import importlib.util
 import json
 import os
 
 import pytest
+import torch
 from conftest import VOCAB
+
+from sentinel_lightning.compaction import compact
+from sentinel_lightning.gates import attach_gates
 
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "benchmark_speed.py")
 
@@ -18,45 +23,113 @@ def speed_script():
     return module
 
 
+def check_sizes(row, plain, contexts):
+    """Sizes against the plain model, and bounds recomputed from them."""
+    assert row["parameters"] < plain["parameters"] and row["weight_bytes"] < plain["weight_bytes"]
+    if row["unit"] == "head":  # uniform head pruning keeps every group, so every key/value head
+        assert row["kv_cache_bytes_per_token"] <= plain["kv_cache_bytes_per_token"]
+    else:
+        assert row["kv_cache_bytes_per_token"] < plain["kv_cache_bytes_per_token"]
+    assert row["prefill_bound"] == pytest.approx(plain["multiply_adds"] / row["multiply_adds"])
+    assert row["prefill_bound"] > 1
+    assert set(row["decode_bound"]) == set(row["decode_speedup"]) == {str(context) for context in contexts}
+    for context in contexts:
+        moved = [entry["weight_bytes"] + entry["kv_cache_bytes_per_token"] * context for entry in (plain, row)]
+        assert row["decode_bound"][str(context)] == pytest.approx(moved[0] / moved[1])
+        assert row["decode_bound"][str(context)] > 1 and row["decode_speedup"][str(context)] > 0
+
+
 def test_quick_benchmark_writes_json_and_markdown(speed_script, tmp_path):
     # One thread: a tiny model gains nothing from two, and two threads crawl when other processes share the cores.
     results = speed_script.main(["--quick", "--threads", "1", "--output_dir", str(tmp_path)])
 
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    assert set(saved) == {"command", "model", "machine", "settings", "variants", "levels"}
+    assert set(saved) == {"command", "model", "machine", "settings", "plain", "configurations", "trade_off"}
     assert saved["command"].endswith("--quick --threads 1 --output_dir " + str(tmp_path))
-    assert {"torch", "threads", "cores"} <= set(saved["machine"]) and saved["machine"]["threads"] == 1
-    levels = [0.0, 0.3, 0.5, 0.7]
-    expected = {"plain"} | {f"{kind}@{level}" for level in levels for kind in ("gated", "compacted", "direct")}
-    assert set(saved["variants"]) == expected
-    for variant in saved["variants"].values():
-        assert variant["prefill_tokens_per_s"] > 0 and variant["decode_tokens_per_s"] > 0
-        assert len(variant["prefill_samples"]) == len(variant["decode_samples"]) == 2
-    plain = saved["variants"]["plain"]
-    assert [row["level"] for row in saved["levels"]] == levels
-    for row in saved["levels"]:
-        compacted, direct = saved["variants"][f"compacted@{row['level']}"], saved["variants"][f"direct@{row['level']}"]
-        assert row["heads_kept_per_layer"] == 6 - round(row["level"] * 6)
-        # The direct model has exactly the compacted model's shapes; the gated model computes everything.
-        assert (direct["parameters"], direct["multiply_adds"]) == (compacted["parameters"], compacted["multiply_adds"])
-        assert saved["variants"][f"gated@{row['level']}"]["multiply_adds"] == plain["multiply_adds"]
-        assert row["predicted_prefill_speedup"] == pytest.approx(plain["multiply_adds"] / compacted["multiply_adds"])
-        for key in ("compacted_vs_plain_prefill", "compacted_vs_direct_prefill", "compacted_vs_direct_decode",
-                    "gated_vs_plain_prefill", "gated_vs_plain_decode", "achieved_over_predicted_speedup"):
-            assert row[key] > 0
-        if row["level"] > 0:
-            assert compacted["parameters"] < plain["parameters"] and row["predicted_prefill_speedup"] > 1
+    assert {"torch", "threads", "cores", "cpu"} <= set(saved["machine"]) and saved["machine"]["threads"] == 1
+    contexts, plain = saved["settings"]["decode_contexts"], saved["plain"]
+    assert contexts == [16, 64]
+    rows = {(row["unit"], row["fraction"]): row for row in saved["configurations"]}
+    assert set(rows) == {(unit, fraction) for unit in ("head", "group", "layer") for fraction in (0.33, 0.67)}
+    for (unit, fraction), row in rows.items():
+        # 3 layers of 9 query heads in 3 groups: every unit reaches 1/3 and 2/3 exactly, uniformly where it can.
+        assert row["scope"] == ("global" if unit == "layer" else "uniform")
+        assert row["stock_modules"] == (unit != "layer")  # uniform shapes load as the stock modules
+        assert row["sparsity"] == pytest.approx(round(fraction * 3) / 3)
+        check_sizes(row, plain, contexts)
+        assert row["perplexity"] == pytest.approx(row["perplexity_gated"], rel=1e-3) and row["perplexity_agrees"]
+        assert row["prefill_speedup"] > 0 and all(len(samples) == 2 for samples in row["samples"].values())
+    # Whole groups cut the key/value cache to exactly 2/3 and 1/3; head pruning keeps it whole.
+    assert rows["group", 0.33]["kv_cache_bytes_per_token"] * 3 == plain["kv_cache_bytes_per_token"] * 2
+    assert rows["group", 0.67]["kv_cache_bytes_per_token"] * 3 == plain["kv_cache_bytes_per_token"]
+    assert rows["head", 0.67]["kv_cache_bytes_per_token"] == plain["kv_cache_bytes_per_token"]
+    assert rows["group", 0.33]["key_value_heads_per_layer"] == [2, 2, 2]
+    assert rows["layer", 0.67]["heads_per_layer"].count(0) == 2
+    assert plain["perplexity"] > 1 and plain["prefill_tokens_per_s"] > 0
     markdown = (tmp_path / "speed.md").read_text()
-    assert "| variant | parameters |" in markdown and "| compacted/direct prefill |" in markdown
-    assert sum(line.startswith("| compacted@") for line in markdown.splitlines()) == 4
-    assert len([line for line in markdown.splitlines() if line.startswith("| 0.")]) == 4
+    assert "| unit | scope | query heads pruned | parameters | kv cache bytes/token |" in markdown
+    assert "decode speed-up @64 (bound)" in markdown and "| model | prefill tokens/s |" in markdown
+    assert sum(line.startswith(("| head |", "| group |", "| layer |")) for line in markdown.splitlines()) == 6
+    assert markdown.rstrip().endswith(saved["trade_off"]) and saved["trade_off"].startswith("Trade-off")
+
+
+def test_options_take_both_spellings_and_quick_defaults_yield(speed_script):
+    args = speed_script.parse_args(["--quick", "--rounds", "1", "--decode-contexts", "8", "--perplexity_batches", "1"])
+    assert (args.rounds, args.decode_contexts, args.perplexity_batches, args.decode_tokens) == (1, [8], 1, 4)
+    full = speed_script.parse_args(["--fractions", "0.5", "--repeats", "3"])
+    assert (full.fractions, full.rounds, full.decode_contexts, full.perplexity_batches) == ([0.5], 3, [256, 4096], None)
+    for bad in (["--fractions", "1.0"], ["--rounds", "0"], ["--decode-contexts", "0"]):
+        with pytest.raises(SystemExit):
+            speed_script.parse_args(bad)
+
+
+def test_contexts_beyond_the_model_fail_clearly(speed_script):
+    args = speed_script.parse_args(["--quick", "--decode-contexts", "300"])  # the tiny model has 256 positions
+    with pytest.raises(ValueError, match="max_position_embeddings=256"):
+        speed_script.load_model(args)
+
+
+def test_unit_scope_matches_fractions(speed_script):
+    # SmolLM2-135M: 30 layers of 9 query heads in 3 groups; every unit reaches 90 and 180 heads.
+    for fraction, count in ((0.33, 90), (0.67, 180)):
+        assert speed_script.unit_scope("head", fraction, 30, 9, 3) == ("uniform", count)
+        assert speed_script.unit_scope("group", fraction, 30, 9, 3) == ("uniform", count)
+        assert speed_script.unit_scope("layer", fraction, 30, 9, 3) == ("global", count)
+    # 4 layers of 6 heads in 2 groups: one group per layer (12 of 24 heads) is too far from 0.33 (7.9 heads).
+    assert speed_script.unit_scope("group", 0.33, 4, 6, 3) == ("global", 9)
+    assert speed_script.unit_scope("head", 0.33, 4, 6, 3) == ("uniform", 8)
+
+
+def test_trade_off_names_the_best_units(speed_script):
+    def row(unit, fraction, speed, perplexity):
+        return {"name": f"{unit}@{fraction}", "unit": unit, "fraction": fraction, "perplexity": perplexity,
+                "decode_speedup": {"64": speed}}
+
+    rows = [row("head", 0.33, 1.0, 10.0), row("group", 0.33, 1.1, 12.0), row("layer", 0.33, 1.05, 13.0),
+            row("head", 0.67, 1.0, 20.0), row("group", 0.67, 1.2, 15.0)]
+    line = speed_script.trade_off(rows, 64)
+    assert "at 0.33, head keeps the lowest perplexity (10.00, 1.00x) and group decodes fastest (1.10x" in line
+    assert "at 0.67, group keeps the lowest perplexity (15.00, 1.20x)." in line
+    assert line.endswith("Not beaten on both by another configuration: head@0.33, group@0.33, group@0.67.")
 
 
 def test_multiply_adds_of_the_quick_model(speed_script):
-    model = speed_script.quick_model(None)  # 4 layers, hidden 96, 6 query heads and 2 key/value heads of 16, MLP 192
+    model = speed_script.quick_model(None)  # 3 layers, hidden 144, 9 query heads and 3 key/value heads of 16, MLP 288
     batch, length = 2, 10
-    tokens = batch * length
-    per_token = 4 * (96 * 96 + 2 * 96 * 32 + 96 * 96 + 3 * 96 * 192) + 96 * VOCAB
-    scores = 4 * 2 * 6 * 16 * batch * (length * (length + 1) // 2)
-    assert speed_script.multiply_adds(model, batch, length) == tokens * per_token + scores
+    tokens, pairs = batch * length, batch * (length * (length + 1) // 2)
+    per_token = 3 * (144 * 144 + 2 * 144 * 48 + 144 * 144 + 3 * 144 * 288) + 144 * VOCAB
+    assert speed_script.multiply_adds(model, batch, length) == tokens * per_token + 3 * 2 * 9 * 16 * pairs
+
+    # Compacted: layer 0 keeps 6 heads in 2 groups, layer 1 keeps 8 heads of 3 groups (unequal), layer 2 none.
+    gated = copy.deepcopy(model)
+    gates = attach_gates(gated)
+    gates.prune([(0, head) for head in range(3)] + [(1, 4)] + [(2, head) for head in range(9)])
+    compacted = compact(gated)
+    assert speed_script.per_layer_heads(compacted) == [(6, 2), (8, 3), (0, 0)]
+    attention = [2 * 144 * 96 + 2 * 144 * 32, 2 * 144 * 128 + 2 * 144 * 48, 0]
+    per_token = sum(attention) + 3 * 3 * 144 * 288 + 144 * VOCAB
+    scores = 2 * (6 + 8) * 16 * pairs
+    assert speed_script.multiply_adds(compacted, batch, length) == tokens * per_token + scores
+    assert speed_script.sizes(compacted, speed_script.parse_args(["--quick"]))["stock_modules"] is False
+    assert torch.equal(gates.active.sum(dim=1), torch.tensor([6, 8, 0]))
