@@ -1,6 +1,13 @@
 """sentinel-lightning: prune the attention heads of Hugging Face causal LMs while fine-tuning them with Lightning."""
 
-from sentinel_lightning.callbacks import GateMonitor, HeadMetrics, HeadPruning, HeadReactivation
+from sentinel_lightning.callbacks import (
+    DivergenceError,
+    DivergenceGuard,
+    GateMonitor,
+    HeadMetrics,
+    HeadPruning,
+    HeadReactivation,
+)
 from sentinel_lightning.compaction import compact
 from sentinel_lightning.data import LanguageModelingDataModule
 from sentinel_lightning.events import HeadEvent
@@ -10,6 +17,8 @@ from sentinel_lightning.saving import load_pruned, save_pruned
 from sentinel_lightning.strategies import STRATEGIES, select_heads
 
 __all__ = [
+    "DivergenceError",
+    "DivergenceGuard",
     "GateMonitor",
     "GatedLanguageModel",
     "HeadEvent",

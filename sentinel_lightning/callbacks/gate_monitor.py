@@ -11,6 +11,8 @@ pruning or reactivation event:
 * scalars ``gates/active_fraction`` and ``gates_active_heads/layer_NN`` (active heads of each layer);
 * ``gates/events``: a text entry per pruning or reactivation event.
 
+Non-finite values (a diverged run) are drawn as missing: white cells, and left out of the histogram.
+
 Other loggers (CSV, ...) get the scalars through ``log_metrics``; without a logger nothing is written.
 Only the global rank zero writes.
 """
@@ -30,6 +32,7 @@ from sentinel_lightning.callbacks.head_metrics import HeadMetrics
 from sentinel_lightning.events import HeadEvent, HeadEventListener, find_callback
 from sentinel_lightning.gates import HeadGates, find_gates
 from sentinel_lightning.heatmaps import render_heatmap
+
 
 class GateMonitor(HeadEventListener):
     """Logs the gates, the head metrics and the pruning and reactivation events.
@@ -120,11 +123,13 @@ class GateMonitor(HeadEventListener):
                 images[f"head_metrics/{name}"] = render_heatmap(
                     values, _title(title, gates, step), label, pruned, log_scale=log_scale
                 )
+        finite = effective[torch.isfinite(effective)]  # non-finite gates are missing from the histogram
         for writer in writers:
             for tag, image in images.items():
                 writer.add_image(tag, image, global_step=step, dataformats="HWC")
-            top = max(1.0, float(effective.max()))
-            writer.add_histogram("gates/histogram", effective.flatten(), global_step=step, bins=np.linspace(0.0, top, 21))
+            if finite.numel():
+                bins = np.linspace(min(0.0, float(finite.min())), max(1.0, float(finite.max())), 21)
+                writer.add_histogram("gates/histogram", finite, global_step=step, bins=bins)
             writer.flush()
 
     def gate_scalars(self, gates: HeadGates) -> dict[str, float]:
@@ -133,7 +138,9 @@ class GateMonitor(HeadEventListener):
         if self.log_per_layer:
             width = len(str(gates.num_layers - 1))
             per_layer = gates.active.sum(dim=1).tolist()
-            scalars.update({f"gates_active_heads/layer_{layer:0{width}d}": float(count) for layer, count in enumerate(per_layer)})
+            scalars.update(
+                {f"gates_active_heads/layer_{layer:0{width}d}": float(count) for layer, count in enumerate(per_layer)}
+            )
         return scalars
 
     @staticmethod

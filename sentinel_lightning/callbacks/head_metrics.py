@@ -36,7 +36,8 @@ class HeadMetrics(HeadEventListener):
     """
 
     def __init__(self, entropy_every_n_steps: int = 16, reset_on_prune: bool = True) -> None:
-        if isinstance(entropy_every_n_steps, bool) or not isinstance(entropy_every_n_steps, int) or entropy_every_n_steps < 1:
+        every = entropy_every_n_steps
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"entropy_every_n_steps={entropy_every_n_steps!r} must be a positive integer.")
         self.entropy_every_n_steps = entropy_every_n_steps
         self.reset_on_prune = reset_on_prune
@@ -76,9 +77,17 @@ class HeadMetrics(HeadEventListener):
 
         Reduces across DDP ranks: every rank must call it at the same point.
         """
+        return self._set_up_statistics("compute").compute()
+
+    def skipped(self) -> dict[str, int]:
+        """``{"entropy": n, "grad_norm": n}``: non-finite updates left out of ``compute()``'s means since the last
+        reset, over every process; a DDP collective (``HeadStatistics.skipped``)."""
+        return self._set_up_statistics("skipped").skipped()
+
+    def _set_up_statistics(self, caller: str) -> HeadStatistics:
         if self.statistics is None:
-            raise RuntimeError("HeadMetrics.compute() was called before the callback was set up by a Trainer.")
-        return self.statistics.compute()
+            raise RuntimeError(f"HeadMetrics.{caller}() was called before the callback was set up by a Trainer.")
+        return self.statistics
 
     def reset(self) -> None:
         self.statistics.reset()
@@ -88,12 +97,16 @@ class HeadMetrics(HeadEventListener):
         return self.batches_seen % self.entropy_every_n_steps == 0 or self.statistics.entropy.weight == 0
 
     @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._entropy_due():
             self._recording = EntropyRecording(find_causal_lm(pl_module)).start()
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         self.batches_seen += 1
         recording = self._stop_recording()
         if recording is not None:
@@ -141,7 +154,7 @@ class HeadMetrics(HeadEventListener):
         metrics = {"entropy": self.statistics.entropy, "grad_norm": self.statistics.grad_norm}
         return {
             "batches_seen": self.batches_seen,
-            **{key: {name: getattr(metric, name).clone() for name in metric._defaults} for key, metric in metrics.items()},
+            **{key: _states(metric) for key, metric in metrics.items()},
         }
 
     @override
@@ -157,3 +170,8 @@ class HeadMetrics(HeadEventListener):
             for name, value in state_dict[key].items():
                 setattr(metric, name, value.to(metric.total.device))
         self._pending_state = None
+
+
+def _states(metric) -> dict[str, Any]:
+    """A copy of a ``torchmetrics`` metric's states."""
+    return {name: getattr(metric, name).clone() for name in metric._defaults}

@@ -7,9 +7,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from sentinel_lightning.callbacks.divergence import check_finite_metric, divergence_error
 from sentinel_lightning.events import HeadEvent, HeadEventListener, notify_head_event
 from sentinel_lightning.gates import HeadGates, find_or_attach_gates
 
@@ -27,8 +28,13 @@ class HeadReactivation(HeadEventListener):
     ``cooldown`` epochs; the pruning schedule meets its target with other heads. The reference value is the
     monitored metric when the pruning event happened, as the pruning callback recorded it.
 
+    ``monitor`` is checked before training starts: after the sanity check, or after a validation the same trainer
+    ran before ``fit`` (as the command line does); when neither would run, a one-batch sanity check is run for it.
+    No decision is ever taken on a non-finite model: a non-finite ``monitor`` or gate value stops the run with a
+    ``DivergenceError`` saying when.
+
     Args:
-        monitor: Logged metric to watch (lower is better), e.g. ``"val_ppl"``.
+        monitor: Metric logged by validation to watch (lower is better), e.g. ``"val_ppl"``.
         tolerance: Allowed relative regression, e.g. 0.05 for 5%.
         patience: Consecutive regressed validations before reactivating.
         reactivate: ``"last"`` or ``"importance"``.
@@ -68,6 +74,8 @@ class HeadReactivation(HeadEventListener):
         self.last_pruned: list[tuple[int, int]] = []
         self.events: list[HeadEvent] = []
         self._gates: HeadGates | None = None
+        self._monitor_seen = False
+        self._sanity_steps: int | None = None  # the trainer's own setting while a one-batch sanity check runs
 
     @property
     def state_key(self) -> str:
@@ -87,19 +95,48 @@ class HeadReactivation(HeadEventListener):
         self.wait_count = 0
 
     @override
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Makes sure a validation runs before training when nothing else would check ``monitor`` before it."""
+        if self._monitor_seen or trainer.num_sanity_val_steps != 0 or not trainer.enable_validation:
             return
+        self._sanity_steps, trainer.num_sanity_val_steps = trainer.num_sanity_val_steps, 1
+        rank_zero_info(f"HeadReactivation: a one-batch sanity check checks that {self.monitor!r} is logged.")
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_sanity_steps(trainer)
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_sanity_steps(trainer)
+
+    def _restore_sanity_steps(self, trainer: L.Trainer) -> None:
+        if self._sanity_steps is not None:
+            trainer.num_sanity_val_steps, self._sanity_steps = self._sanity_steps, None
+
+    def _check_monitor_logged(self, trainer: L.Trainer) -> None:
         if self.monitor not in trainer.callback_metrics:
             raise RuntimeError(
                 f"HeadReactivation(monitor={self.monitor!r}) found no such metric after validation; the logged "
                 f"metrics are {sorted(trainer.callback_metrics)}."
             )
-        if self.reference is None:
+        self._monitor_seen = True
+
+    def _check_finite(self, trainer: L.Trainer) -> float:
+        """The monitored value; raises a ``DivergenceError`` when it or a gate is non-finite."""
+        hint = "HeadReactivation takes no decision on a non-finite model."
+        check_finite_metric(trainer, self.monitor, trainer.callback_metrics[self.monitor], hint)
+        if not torch.isfinite(self._gates.values.detach()).all():
+            raise divergence_error(trainer, "a gate value", "non-finite", hint)
+        return float(trainer.callback_metrics[self.monitor])
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_monitor_logged(trainer)
+        if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        current = float(trainer.callback_metrics[self.monitor])
-        if not math.isfinite(current):
-            rank_zero_warn(f"HeadReactivation: {self.monitor} is {current}; no reactivation decided on it.")
+        current = self._check_finite(trainer)
+        if self.reference is None:
             return
         regressed = current > self.reference * (1.0 + self.tolerance)
         regressed = trainer.strategy.reduce_boolean_decision(regressed, all=True)
@@ -120,7 +157,9 @@ class HeadReactivation(HeadEventListener):
         importance = torch.where(torch.isfinite(importance), importance, -math.inf)
         return sorted(pruned, key=lambda pair: (-importance[pair].item(), pair))
 
-    def _reactivate(self, trainer: L.Trainer, pl_module: L.LightningModule, heads: list[tuple[int, int]], current: float) -> None:
+    def _reactivate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, heads: list[tuple[int, int]], current: float
+    ) -> None:
         self._gates.reactivate(heads)
         self._gates.protect(heads, until_epoch=trainer.current_epoch + self.cooldown)
         event = HeadEvent(

@@ -5,7 +5,8 @@
 - ``evaluate``: perplexity, generation speed and text quality before and after pruning (``cli.evaluate``).
 
 ``--config`` takes a YAML file or the name of a config shipped in the package (``--config entropy.yaml``; see
-``cli.configs``).
+``cli.configs``). A run that diverges ends with the ``DivergenceError``'s message and exit code
+``EXIT_DIVERGED`` (3).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 from jsonargparse import ArgumentParser
 
+from sentinel_lightning.callbacks.divergence import DivergenceError
 from sentinel_lightning.cli.configs import resolve_config_arguments
 from sentinel_lightning.cli.evaluate import evaluate
 from sentinel_lightning.cli.export import export_checkpoint
@@ -22,6 +24,7 @@ from sentinel_lightning.cli.fit import lightning_cli
 
 # Subcommands that are plain functions rather than Trainer methods.
 FUNCTION_COMMANDS: dict[str, Callable[..., dict]] = {"export": export_checkpoint, "evaluate": evaluate}
+EXIT_DIVERGED = 3
 
 
 def run_function(function: Callable[..., dict], argv: list[str]) -> dict:
@@ -50,8 +53,11 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(f"sentinel-lightning: error: {error}") from error
     if argv and argv[0] in FUNCTION_COMMANDS:
         run_function(FUNCTION_COMMANDS[argv[0]], argv)
-    elif args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+        return
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = argv
-        lightning_cli(None)
-    else:
-        lightning_cli(argv)
+    try:
+        lightning_cli(None if args is None else argv)
+    except DivergenceError as error:
+        print(f"sentinel-lightning: error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_DIVERGED) from error

@@ -3,12 +3,39 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any
 
 from rich.console import Console
 
+from sentinel_lightning.callbacks.divergence import nonfinite_parameters
 from sentinel_lightning.compaction import compact, count_parameters, weight_bytes
 from sentinel_lightning.saving import save_pruned
+
+
+def load_checkpoint(ckpt_path: str):
+    """The ``GatedLanguageModel`` of a checkpoint, refused with an error naming the file when it is empty or
+    truncated, or holds non-finite weights or gates (a diverged run: export its best or an earlier checkpoint).
+    """
+    from sentinel_lightning.module import GatedLanguageModel
+
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist.")
+    if os.path.getsize(ckpt_path) == 0:
+        raise ValueError(f"ckpt_path={ckpt_path!r} is an empty file (0 bytes), not a Lightning checkpoint.")
+    if not zipfile.is_zipfile(ckpt_path):  # what torch.save writes; a truncated one has lost its directory
+        raise ValueError(
+            f"ckpt_path={ckpt_path!r} is not a readable Lightning checkpoint (a torch.save zip archive): it may be "
+            "truncated by an interrupted save or copy, or be another kind of file."
+        )
+    module = GatedLanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu")
+    names = nonfinite_parameters(module)
+    if names:
+        raise ValueError(
+            f"ckpt_path={ckpt_path!r} holds non-finite (NaN or infinite) values in {len(names)} weight or gate "
+            f"tensor(s) ({', '.join(names[:5])}): the run diverged. Export its best checkpoint or an earlier one."
+        )
+    return module
 
 
 def export_checkpoint(ckpt_path: str, output_dir: str) -> dict[str, Any]:
@@ -27,12 +54,9 @@ def export_checkpoint(ckpt_path: str, output_dir: str) -> dict[str, Any]:
         "parameters_after", "bytes_before", "bytes_after"}``: head and weight counts and the bytes of the weights
         before and after compaction (gates excluded, tied weights once).
     """
-    from sentinel_lightning.module import GatedLanguageModel
     from sentinel_lightning.pretrained import load_tokenizer
 
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist.")
-    module = GatedLanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu")
+    module = load_checkpoint(ckpt_path)
     hparams = module.hparams
     tokenizer = None
     if hparams.get("model") is not None or hparams.get("model_config") is None:

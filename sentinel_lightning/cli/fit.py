@@ -1,11 +1,16 @@
 """``sentinel-lightning fit`` (and ``validate``, ``test``, ``predict``): Lightning's ``LightningCLI`` for the job.
 
 The job is ``GatedLanguageModel`` on ``LanguageModelingDataModule`` with the head callbacks as configurable groups
-(``metrics``, ``pruning``, ``reactivation``, ``gate_monitor``). Its settings come from one place: the callbacks'
-own class defaults (``HeadPruning``'s strategy and schedule among them), plus ``TRAINER_DEFAULTS`` and
-``JOB_DEFAULTS`` below, which ``scripts/finetune_prune.py`` reuses through ``run_fit``. With no arguments,
+(``metrics``, ``pruning``, ``reactivation``, ``gate_monitor``, ``divergence``). Its settings come from one place:
+the callbacks' own class defaults (``HeadPruning``'s strategy and schedule among them), plus ``TRAINER_DEFAULTS``
+and ``JOB_DEFAULTS`` below, which ``scripts/finetune_prune.py`` reuses through ``run_fit``. With no arguments,
 ``sentinel-lightning fit`` fine-tunes the embedded default model on the embedded corpus with gradient-based head
 pruning after epochs 0, 1 and 2, small enough for a 2-core CPU.
+
+Unless the trainer is given a ``ModelCheckpoint`` of its own, the job keeps two checkpoints in its log folder:
+``checkpoints/last.ckpt`` (the latest epoch) and ``checkpoints/best/`` (the lowest finite ``val_ppl``). A run whose
+loss, ``val_ppl`` or weights become non-finite stops with a ``DivergenceError`` (``DivergenceGuard``) before it
+writes a checkpoint of the diverged model; ``--divergence.on_nonfinite skip`` skips such training steps instead.
 """
 
 from __future__ import annotations
@@ -13,12 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 from rich.table import Table
 
-from sentinel_lightning.callbacks import GateMonitor, HeadMetrics, HeadPruning, HeadReactivation
+from sentinel_lightning.callbacks import DivergenceGuard, GateMonitor, HeadMetrics, HeadPruning, HeadReactivation
 from sentinel_lightning.cli.configs import resolve_config_arguments
 from sentinel_lightning.data import LanguageModelingDataModule
 from sentinel_lightning.gates import find_gates
@@ -39,13 +44,15 @@ JOB_DEFAULTS = {
     "gate_monitor.log_every_n_steps": 4,
 }
 SEED = 0
+# The job's checkpoints: last.ckpt, and the lowest finite val_ppl under best/ (NaN never counts as better).
+CHECKPOINT = {"monitor": "val_ppl", "mode": "min", "save_last": True, "filename": "best/{epoch}-{step}-{val_ppl:.3f}"}
 
 
 class SentinelCLI(LightningCLI):
     """``LightningCLI`` with the head callbacks and a before/after perplexity report around ``fit``.
 
     After ``fit``, ``report`` holds ``{"val_ppl_before", "val_ppl_after", "pruned_heads" (list of (layer, head)),
-    "total_heads", "pruned_fraction", "checkpoint"}``; rank zero prints it as a table.
+    "total_heads", "pruned_fraction", "checkpoint" (the last), "best_checkpoint"}``; rank zero prints it as a table.
     """
 
     report: dict[str, Any] | None = None
@@ -55,18 +62,23 @@ class SentinelCLI(LightningCLI):
         parser.add_lightning_class_args(HeadPruning, "pruning")
         parser.add_lightning_class_args(HeadReactivation, "reactivation")
         parser.add_lightning_class_args(GateMonitor, "gate_monitor")
+        parser.add_lightning_class_args(DivergenceGuard, "divergence")
         parser.set_defaults(JOB_DEFAULTS)
 
     def before_instantiate_classes(self) -> None:
-        """The data's tokenizer defaults to the model's own, and progress shows in a rich progress bar."""
+        """The data's tokenizer defaults to the model's own, progress shows in a rich progress bar, and the job
+        keeps its last and its best checkpoint (``CHECKPOINT``) unless given a ``ModelCheckpoint`` of its own."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.data.tokenizer is None and isinstance(config.model.model, str):
             config.data.tokenizer = config.model.model
             config.data.gguf_file = config.model.gguf_file
-        callbacks = config.trainer.callbacks or []
+        callbacks = list(config.trainer.callbacks or [])
         if config.trainer.enable_progress_bar is not False and not any("ProgressBar" in str(c) for c in callbacks):
-            progress_bar = Namespace(class_path=f"{RichProgressBar.__module__}.RichProgressBar")
-            config.trainer.callbacks = [*callbacks, progress_bar]
+            callbacks.append(Namespace(class_path=f"{RichProgressBar.__module__}.RichProgressBar"))
+        if config.trainer.enable_checkpointing is not False and not any("ModelCheckpoint" in str(c) for c in callbacks):
+            init_args = Namespace(**CHECKPOINT)
+            callbacks.append(Namespace(class_path=f"{ModelCheckpoint.__module__}.ModelCheckpoint", init_args=init_args))
+        config.trainer.callbacks = callbacks
 
     def _validation_perplexity(self) -> float:
         results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
@@ -86,6 +98,7 @@ class SentinelCLI(LightningCLI):
             "total_heads": gates.active.numel(),
             "pruned_fraction": gates.sparsity,
             "checkpoint": getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", ""),
+            "best_checkpoint": getattr(checkpoint, "best_model_path", ""),
         }
         if self.trainer.is_global_zero:
             print_fit_report(self.report)
@@ -101,6 +114,8 @@ def print_fit_report(report: dict[str, Any]) -> None:
     table.add_row("heads pruned", f"{len(report['pruned_heads'])} of {report['total_heads']}")
     table.add_row("pruned fraction", f"{report['pruned_fraction']:.3f}")
     table.add_row("checkpoint", report["checkpoint"] or "(none)")
+    if report.get("best_checkpoint") and report["best_checkpoint"] != report["checkpoint"]:
+        table.add_row("best checkpoint", report["best_checkpoint"])
     Console().print(table)
 
 
