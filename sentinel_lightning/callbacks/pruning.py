@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from sentinel_lightning.callbacks.divergence import divergence_error, nonfinite_parameters
 from sentinel_lightning.callbacks.head_metrics import HeadMetrics
 from sentinel_lightning.events import HeadEvent, find_callback, notify_head_event
 from sentinel_lightning.families import family_of
@@ -32,6 +33,7 @@ DEFAULT_SCHEDULE = {0: 0.1, 1: 0.2, 2: 0.3}
 # The strategy our own comparison recommends (docs/results.md): gradient beats random and entropy at every level.
 DEFAULT_STRATEGY = "gradient"
 METRIC_STRATEGIES = ("entropy", "gradient")
+INTERVALS = ("epoch", "step")
 
 
 def _check_fraction(target: Any, where: str) -> float:
@@ -62,7 +64,8 @@ class HeadPruning(L.Callback):
             ``{"entropy", "grad_norm", "active": [L, H]}`` to a score ``[L, H]`` (highest pruned first).
         schedule: Maps a training epoch index (Lightning's ``current_epoch``, from 0) to the fraction of all heads
             pruned after it, non-decreasing, each in [0, 1); or a callable of the epoch index returning the
-            fraction, or None for no pruning after that epoch. An empty mapping never prunes.
+            fraction, or None for no pruning after that epoch. An empty mapping never prunes. With
+            ``interval="step"`` the keys are optimizer steps (``trainer.global_step``, from 1) instead.
         scope: ``"global"`` ranks every unit together; ``"layer"`` spreads the pruning evenly over the layers;
             ``"uniform"`` leaves every layer the same shape, so that one config describes the compacted model:
             with ``unit="head"`` every key/value group of every layer loses the same number of query heads (in
@@ -80,6 +83,13 @@ class HeadPruning(L.Callback):
         unit: What is pruned at once: ``"head"`` (one query head), ``"group"`` (a key/value head together with the
             ``G`` query heads that read it; this is what shrinks the key/value cache) or ``"layer"`` (a whole
             attention sublayer; only with ``scope="global"`` and ``min_active_heads_per_layer`` 0 or None).
+        interval: ``"epoch"`` prunes at the end of the scheduled epochs; ``"step"`` right after the scheduled
+            optimizer steps, inside an epoch, so that a gradual schedule (say 3% every 4 steps) lets the model
+            recover between small steps.
+
+    No decision is taken on a non-finite model: a NaN or infinite weight or gate raises a ``DivergenceError``
+    (``callbacks.divergence``), and a decision whose head metrics left out non-finite updates says so in a
+    warning and in its event's reason.
 
     Heads protected by ``HeadReactivation`` (``HeadGates.protected``) are never chosen; the importance each pruned
     head had is remembered in ``HeadGates.importance_at_pruning``. Both live in the gates, so checkpoints carry them.
@@ -94,16 +104,22 @@ class HeadPruning(L.Callback):
         seed: int = 0,
         monitor: str = "val_ppl",
         unit: str = "head",
+        interval: str = "epoch",
     ) -> None:
+        if interval not in INTERVALS:
+            raise ValueError(f"interval={interval!r} is not one of {INTERVALS}.")
         self.strategy_name = strategy if isinstance(strategy, str) else getattr(strategy, "__name__", "custom")
         self.score = resolve_strategy(strategy, seed)
         if not callable(schedule):
             if not isinstance(schedule, Mapping):
                 raise ValueError(f"schedule={schedule!r} must be a mapping of epoch -> fraction or a callable.")
             previous = 0.0
+            first = 0 if interval == "epoch" else 1
             for epoch in sorted(schedule):
-                if not isinstance(epoch, int) or epoch < 0:
-                    raise ValueError(f"schedule has epoch {epoch!r}; epochs are non-negative integers.")
+                if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < first:
+                    raise ValueError(
+                        f"schedule has {interval} {epoch!r}; with interval={interval!r} keys are integers >= {first}."
+                    )
                 target = _check_fraction(schedule[epoch], f"epoch {epoch}")
                 if target < previous:
                     raise ValueError(
@@ -114,6 +130,7 @@ class HeadPruning(L.Callback):
             schedule = dict(schedule)
         self.min_active_heads_per_layer = resolve_minimum(unit, scope, min_active_heads_per_layer)
         self.schedule = schedule
+        self.interval = interval
         self.scope = scope
         self.unit = unit
         self.group_size = 1  # G, read from the model at setup
@@ -206,10 +223,34 @@ class HeadPruning(L.Callback):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        target = self.target_at(epoch)
+        if self.interval == "epoch":
+            self._prune_to_schedule(trainer, pl_module, trainer.current_epoch)
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.interval == "step":
+            self._prune_to_schedule(trainer, pl_module, trainer.global_step)
+
+    def _check_finite(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: HeadMetrics | None) -> str:
+        """Raises on non-finite weights or gates; returns a note when the head metrics left out updates."""
+        broken = nonfinite_parameters(pl_module)
+        if broken:
+            raise divergence_error(
+                trainer, "the model", f"non-finite in {broken[:3]}", "HeadPruning takes no decision on it."
+            )
+        skipped = {} if metrics is None else {name: n for name, n in metrics.skipped().items() if n}
+        if not skipped:
+            return ""
+        note = f"; the head metrics left out non-finite updates {skipped}"
+        rank_zero_warn(f"HeadPruning at step {trainer.global_step}: the decision rests on finite steps only{note[1:]}.")
+        return note
+
+    def _prune_to_schedule(self, trainer: L.Trainer, pl_module: L.LightningModule, when: int) -> None:
+        """Prunes to the target scheduled at ``when`` (an epoch or a step index, as ``interval`` says)."""
+        target = self.target_at(when)
         if target is None:
             return
+        epoch = trainer.current_epoch
         gates = self._gates
         total = gates.num_layers * gates.num_heads
         reached = self._reachable(target)
@@ -218,6 +259,7 @@ class HeadPruning(L.Callback):
         if count <= 0:
             return
         head_metrics = find_callback(trainer, HeadMetrics)
+        note = self._check_finite(trainer, pl_module, head_metrics)
         metrics = {"active": gates.active.cpu()}
         if head_metrics is not None:
             metrics.update({name: value.cpu() for name, value in head_metrics.compute().items()})
@@ -238,7 +280,7 @@ class HeadPruning(L.Callback):
             step=trainer.global_step,
             heads=[tuple(pair) for pair in heads],
             reason=f"{self.strategy_name} strategy ({self.scope}, unit {self.unit}), target {target:.3f} of {total} "
-            "heads",
+            f"heads at {self.interval} {when}{note}",
             value=None if value is None else float(value),
             sparsity=gates.sparsity,
             monitor=self.monitor,
