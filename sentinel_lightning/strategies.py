@@ -1,7 +1,8 @@
 """Pruning strategies: pure functions from per-head metrics to the heads to prune.
 
-A strategy maps the metrics (``{"entropy": [L, H], "grad_norm": [L, H]}``) to a score ``[L, H]``; the heads
-with the highest scores are pruned first. ``select_heads`` then picks whole units (a query head, a key/value
+A strategy maps the metrics (``{"entropy", "sink_mass", "rest_entropy", "grad_norm", "example_importance",
+"active": [L, H], ...}``, see ``metrics.HeadStatistics``) to a score ``[L, H]``; the heads with the highest
+scores are pruned first. ``select_heads`` then picks whole units (a query head, a key/value
 group or a layer) under the scope and the per-layer minimum, never choosing a head that is already pruned,
 protected, or scored NaN or infinite. Everything here is a pure function of tensors; the model's group size
 ``G`` comes from the family registry (``families.family_of(model).group_size(model.config)``).
@@ -23,14 +24,59 @@ UNITS = ("head", "group", "layer")
 _TIE = 1e-9  # slack so that an exact half rounds up despite floating-point noise
 
 
+def gradient_score(metrics: Metrics) -> torch.Tensor:
+    """Lowest importance first (Michel et al., 2019): the mean over examples of ``|dL/dgate|``.
+
+    The per-example mean (``example_importance``) keeps examples from cancelling each other, which the batch
+    gradient lets them do; it is used when measured (``HeadMetrics`` does), else the batch version.
+    """
+    return -metrics.get("example_importance", metrics["grad_norm"]).float()
+
+
+def batch_gradient_score(metrics: Metrics) -> torch.Tensor:
+    """Lowest ``|dL/dgate|`` of whole batches first (the library's first definition)."""
+    return -metrics["grad_norm"].float()
+
+
+def layer_normalised_gradient_score(metrics: Metrics) -> torch.Tensor:
+    """Lowest per-example importance first, each layer's importances divided by their L2 norm (Michel et al.)."""
+    importance = metrics.get("example_importance", metrics["grad_norm"]).float()  # [L, H]
+    return -importance / importance.norm(dim=1, keepdim=True).clamp_min(torch.finfo(importance.dtype).tiny)
+
+
+def rank_within_layer(values: torch.Tensor) -> torch.Tensor:
+    """Each head's rank among its layer's heads, ``[L, H]`` in [0, 1] (0 = lowest); NaN stays NaN.
+
+    Global selection on these ranks takes about as many heads from every layer. Equal ranks of different layers
+    are ordered by the values themselves (a tie-break far below one rank step).
+    """
+    finite = torch.isfinite(values)
+    filled = torch.where(finite, values, values[finite].min() if finite.any() else 0.0)
+    ranks = filled.argsort(dim=1).argsort(dim=1).float() / max(values.shape[1] - 1, 1)
+    spread = filled - filled.min()
+    ties = spread / spread.max().clamp_min(torch.finfo(spread.dtype).tiny) / (2 * values.shape[1])
+    return torch.where(finite, ranks + ties, float("nan"))
+
+
+def attention_sink_score(metrics: Metrics) -> torch.Tensor:
+    """The heads of each layer that park most attention on the first token go first, about as many per layer.
+
+    Low attention entropy mostly means a head parks its attention on the first token (an "attention sink"):
+    such heads write little, which is why the highest-entropy-first rule removes the wrong heads. The share of
+    attention on the first token (``sink_mass``), ranked within each layer, is the attention statistic that
+    beats random pruning on the embedded default (docs/results.md).
+    """
+    return rank_within_layer(metrics["sink_mass"].float())
+
+
 def entropy_score(metrics: Metrics) -> torch.Tensor:
-    """Highest attention entropy first: the broadest, least focused heads go first."""
+    """The seed's definition: highest attention entropy first (the broadest heads). Loses to random on SmolLM2."""
     return metrics["entropy"].float()
 
 
-def gradient_score(metrics: Metrics) -> torch.Tensor:
-    """Lowest ``|dL/dgate|`` first (Michel et al., 2019): heads the loss is least sensitive to go first."""
-    return -metrics["grad_norm"].float()
+def lowest_entropy_score(metrics: Metrics) -> torch.Tensor:
+    """Lowest attention entropy first (the seed's rule reversed)."""
+    return -metrics["entropy"].float()
 
 
 class RandomScore:
@@ -40,15 +86,21 @@ class RandomScore:
         self.seed = seed
 
     def __call__(self, metrics: Metrics) -> torch.Tensor:
-        shape = next(iter(metrics.values())).shape
+        shape = metrics["active"].shape if "active" in metrics else next(iter(metrics.values())).shape
         return torch.rand(shape, generator=torch.Generator().manual_seed(self.seed))
 
 
 STRATEGIES: dict[str, Callable[[int], Strategy]] = {
-    "entropy": lambda seed: entropy_score,
     "gradient": lambda seed: gradient_score,
+    "gradient_batch": lambda seed: batch_gradient_score,
+    "gradient_layer_norm": lambda seed: layer_normalised_gradient_score,
+    "attention_sink": lambda seed: attention_sink_score,
+    "entropy": lambda seed: entropy_score,
+    "lowest_entropy": lambda seed: lowest_entropy_score,
     "random": lambda seed: RandomScore(seed),
 }
+# The strategies that read HeadMetrics' measurements (random needs none).
+METRIC_STRATEGIES = tuple(name for name in STRATEGIES if name != "random")
 
 
 def resolve_strategy(strategy: str | Strategy, seed: int = 0) -> Strategy:

@@ -197,3 +197,37 @@ def test_uniform_scope_respects_the_minimum_and_uniform_shape_spots_differences(
     assert uniform_shape(torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool), 2) is None  # groups differ
     assert uniform_shape(torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool), 1) is None  # layers differ
     assert uniform_shape(torch.zeros(2, 4, dtype=torch.bool), 2) == (0, 0)
+
+
+def test_gradient_prefers_per_example_importance_and_can_normalise_per_layer():
+    from sentinel_lightning.strategies import STRATEGIES
+
+    grad_norm = torch.tensor([[0.1, 0.2], [0.3, 0.4]])
+    example = torch.tensor([[0.5, 0.1], [3.0, 4.0]])
+    assert torch.equal(STRATEGIES["gradient"](0)({"grad_norm": grad_norm}), -grad_norm)
+    assert torch.equal(STRATEGIES["gradient"](0)({"grad_norm": grad_norm, "example_importance": example}), -example)
+    assert torch.equal(STRATEGIES["gradient_batch"](0)({"grad_norm": grad_norm, "example_importance": example}), -grad_norm)
+    normalised = STRATEGIES["gradient_layer_norm"](0)({"grad_norm": grad_norm, "example_importance": example})
+    assert torch.allclose(normalised, -example / example.norm(dim=1, keepdim=True))
+
+
+def test_rank_within_layer_spreads_pruning_over_layers_and_keeps_nan():
+    from sentinel_lightning.strategies import rank_within_layer
+
+    values = torch.tensor([[0.9, 0.8, 0.1], [0.05, 0.04, 0.03], [float("nan"), 0.5, 0.6]])
+    ranks = rank_within_layer(values)
+    assert torch.isnan(ranks[2, 0]) and torch.isfinite(ranks[:2]).all()
+    assert ranks[0].argsort().tolist() == [2, 1, 0] and ranks[1].argsort().tolist() == [2, 1, 0]
+    # Highest rank of every layer first, whatever the layers' scales; equal ranks ordered by the values.
+    heads = select_heads(ranks, torch.ones(3, 3, dtype=torch.bool), 3, min_active_heads_per_layer=0)
+    assert heads == [(0, 0), (2, 2), (1, 0)]
+
+
+def test_attention_sink_prunes_the_heads_that_park_on_the_first_token_in_every_layer():
+    from sentinel_lightning.strategies import METRIC_STRATEGIES, STRATEGIES
+
+    sink = torch.tensor([[0.9, 0.1, 0.2, 0.3], [0.2, 0.3, 0.25, 0.21]])  # layer 1's sinks are all weak
+    score = STRATEGIES["attention_sink"](0)({"sink_mass": sink})
+    heads = select_heads(score, torch.ones(2, 4, dtype=torch.bool), 2)
+    assert sorted(heads) == [(0, 0), (1, 1)]
+    assert "random" not in METRIC_STRATEGIES and {"attention_sink", "entropy", "gradient"} <= set(METRIC_STRATEGIES)
