@@ -16,8 +16,7 @@ import os
 
 from sentinel_lightning.callbacks.pruning import DEFAULT_SCHEDULE, DEFAULT_STRATEGY
 from sentinel_lightning.cli.fit import JOB_DEFAULTS, TRAINER_DEFAULTS, run_fit
-from sentinel_lightning.pretrained import byte_level_tokenizer
-from sentinel_lightning.tiny import tiny_model
+from sentinel_lightning.tiny import save_tiny_model
 
 QUICK_MODEL_FOLDER = "quick_model"
 # --quick: a tiny random Llama and the byte-level tokenizer, in short blocks.
@@ -58,20 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def write_quick_model(folder: str) -> str:
-    """Saves ``tiny.tiny_model("llama")`` and the byte-level tokenizer into ``folder``; returns ``folder``."""
-    tiny_model("llama").save_pretrained(folder)
-    byte_level_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def fit_arguments(argv: list[str] | None = None) -> list[str]:
     """The ``sentinel-lightning fit`` options this script's ``argv`` stands for (none: the CLI's defaults)."""
     args = parse_args(argv)
     options = []
     if args.quick:
         model_folder = os.path.join(args.log_dir or os.getcwd(), QUICK_MODEL_FOLDER)
-        options += [*QUICK_SETTINGS, f"--model.model={write_quick_model(model_folder)}"]
+        options += [*QUICK_SETTINGS, f"--model.model={save_tiny_model(model_folder)}"]
     for name, option in CLI_OPTIONS.items():
         value = getattr(args, name)
         if value is not None:

@@ -35,3 +35,16 @@ def tiny_model(family: str = "llama", seed: int = 0, **kwargs) -> PreTrainedMode
     """A randomly initialised causal LM of ``family`` (seeded), in eval mode; ``kwargs`` go to ``tiny_config``."""
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(family, **kwargs)).eval()
+
+
+def save_tiny_model(folder: str, family: str = "llama") -> str:
+    """Saves ``tiny_model(family)`` with the byte-level tokenizer into ``folder`` (for ``--model.model folder``).
+
+    Returns:
+        ``folder``.
+    """
+    from sentinel_lightning.pretrained import byte_level_tokenizer
+
+    tiny_model(family).save_pretrained(folder)
+    byte_level_tokenizer().save_pretrained(folder)
+    return folder

@@ -1,0 +1,118 @@
+"""Recovery study: how close to a dense fine-tune does fine-tune-with-pruning end, with each recovery lever?
+
+Runs the default job (``sentinel-lightning fit``, the same budget: epochs, batches, tokens) once dense and then,
+for each target fraction of heads, with plain fine-tuning, with distillation from the dense model, with output
+compensation, and with both. Pruning reaches the target in three steps after epochs 0, 1 and 2, and reactivation
+is switched off (``--reactivation.tolerance`` very large) so that every pruned run ends at its target and all are
+compared at the same fraction. Writes ``recovery.json`` and ``recovery.md`` (validation perplexity of each run and
+its ratio to the dense fine-tune) to ``--output-dir``.
+
+    python scripts/recovery_study.py                                  # the embedded default: about 7 min a run
+    python scripts/recovery_study.py --targets 0.3 --variants plain both
+    python scripts/recovery_study.py --quick                          # a tiny model, for the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from sentinel_lightning.cli.fit import run_fit
+from sentinel_lightning.tiny import save_tiny_model
+
+VARIANTS = {
+    "plain": [],
+    "distillation": ["--model.distillation=0.5"],
+    "compensation": ["--pruning.compensate=true"],
+    "both": ["--model.distillation=0.5", "--pruning.compensate=true"],
+}
+HOLD_TARGET = ["--reactivation.tolerance=1000000"]  # no reactivation: every run ends at its target
+QUICK_SETTINGS = [
+    "--data.block_size=32", "--data.cache=false", "--model.learning_rate=0.001", "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=2", "--trainer.max_epochs=3",
+]
+
+
+def schedule_for(target: float) -> str:
+    """The job's three-step schedule (after epochs 0, 1 and 2) that ends at ``target``, as a CLI value."""
+    steps = {epoch: round(target * (epoch + 1) / 3, 4) for epoch in range(3)}
+    return json.dumps(steps)
+
+
+def runs(targets: list[float], variants: list[str]) -> dict[str, list[str]]:
+    """Each run's name and its ``fit`` options (besides the common ones)."""
+    planned = {"dense": ["--pruning.schedule={}"]}
+    for target in targets:
+        for variant in variants:
+            planned[f"{variant} {target:.0%}"] = [f"--pruning.schedule={schedule_for(target)}", *HOLD_TARGET,
+                                                  *VARIANTS[variant]]
+    return planned
+
+
+def run_one(name: str, options: list[str], common: list[str], root: str) -> dict:
+    """Runs one ``fit`` and returns its report with the wall time."""
+    folder = os.path.join(root, name.replace(" ", "_").replace("%", "pct"))
+    start = time.perf_counter()
+    report = run_fit([*common, f"--trainer.default_root_dir={folder}", *options])
+    report = {key: report[key] for key in ("val_ppl_before", "val_ppl_after", "pruned_fraction")}
+    report["seconds"] = time.perf_counter() - start
+    gc.collect()
+    return report
+
+
+def markdown(results: dict, command: str) -> str:
+    """The results as a table: perplexity after each run and its ratio to the dense fine-tune."""
+    dense = results["runs"]["dense"]["val_ppl_after"]
+    lines = [
+        f"Command: `{command}`  ",
+        f"Machine: {results['machine']}; before fine-tuning, validation perplexity "
+        f"{results['runs']['dense']['val_ppl_before']:.2f}.",
+        "",
+        "| run | pruned fraction | validation perplexity | / dense fine-tune | minutes |",
+        "|---|---|---|---|---|",
+    ]
+    for name, run in results["runs"].items():
+        lines.append(
+            f"| {name} | {run['pruned_fraction']:.3f} | {run['val_ppl_after']:.2f} | "
+            f"{run['val_ppl_after'] / dense:.3f}x | {run['seconds'] / 60:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.3, 0.5], help="fractions of heads pruned")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--output-dir", default="pruning_results")
+    parser.add_argument("--quick", action="store_true", help="a tiny random model in short blocks (for the tests)")
+    args = parser.parse_args(argv)
+    for target in args.targets:
+        if not 0.0 < target < 1.0:
+            parser.error(f"--targets contains {target}; a target is a fraction of all heads in (0, 1).")
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    common = ["--trainer.enable_progress_bar=false"]
+    if args.quick:
+        common += [*QUICK_SETTINGS, f"--model.model={save_tiny_model(str(output / 'quick_model'))}"]
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "targets": args.targets,
+        "runs": {name: run_one(name, options, common, str(output / "runs"))
+                 for name, options in runs(args.targets, args.variants).items()},
+    }
+    command = "python scripts/recovery_study.py " + " ".join(argv if argv is not None else [])
+    (output / "recovery.json").write_text(json.dumps(results, indent=2))
+    (output / "recovery.md").write_text(markdown(results, command.strip()))
+    print(markdown(results, command.strip()))
+    return results
+
+
+if __name__ == "__main__":
+    main()
