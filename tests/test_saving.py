@@ -14,7 +14,7 @@ from transformers.utils.quantization_config import GgufConfig
 
 from sentinel_lightning.compaction import compact, count_parameters
 from sentinel_lightning.families import attention_modules
-from sentinel_lightning.gates import attach_gates
+from sentinel_lightning.gates import attach_gates, find_gates
 from sentinel_lightning.pruned_modeling import KeyValueIndexAttention, key_value_indices
 from sentinel_lightning.saving import MODELING_MODULE, load_pruned, save_pruned
 
@@ -179,3 +179,130 @@ def test_a_config_that_disagrees_with_itself_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"key_value_index\[1\]"):
         load_pruned(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Nothing lost or left stale (issue 11)
+
+
+def test_save_refuses_a_folder_that_holds_files(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "README.md").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"model'.*README\.md.*overwrite=True"):
+        save_pruned(uniform_llama(), str(folder))
+    assert sorted(os.listdir(folder)) == ["README.md"]
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # no staging folder left behind
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="directory="):
+        save_pruned(uniform_llama(), str(tmp_path / "file"), overwrite=True)
+
+
+def test_overwrite_leaves_no_stale_model_files_and_keeps_other_files(tokens, tmp_path):
+    folder = tmp_path / "model"
+    save_pruned(pruned_model("llama"), str(folder), tokenizer=byte_tokenizer())  # with modeling code + tokenizer
+    stale = ["pytorch_model.bin", "model.safetensors.index.json", "model-00001-of-00002.safetensors", "vocab.json",
+             "merges.txt", "generation_config.json", "configuration_other.py"]
+    for name in stale:
+        (folder / name).write_text("stale")
+    (folder / "README.md").write_text("mine")
+    (folder / "notes").mkdir()
+    assert all(os.path.isfile(folder / name) for name in CODE_FILES)
+
+    gated = uniform_llama()
+    save_pruned(gated, str(folder), overwrite=True)  # a plain transformers folder, no tokenizer
+
+    save_pruned(gated, str(tmp_path / "fresh"))
+    assert set(os.listdir(folder)) == set(os.listdir(tmp_path / "fresh")) | {"README.md", "notes"}
+    assert (folder / "README.md").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["fresh", "model"]
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder))  # no stale auto_map, shard index or .bin in the way
+    with torch.no_grad():
+        assert (loaded(tokens).logits - gated(tokens).logits).abs().max().item() <= 1e-4
+
+
+def test_saving_into_the_folder_the_model_was_loaded_from(tokens, tmp_path):
+    save_pruned(uniform_llama(), str(tmp_path))
+    loaded = load_pruned(str(tmp_path))  # 2 layers of 4 query heads in 2 groups
+    attach_gates(loaded).prune([(0, 0), (1, 3)])
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_pruned(loaded, str(tmp_path))
+    save_pruned(loaded, str(tmp_path), overwrite=True)
+    again = load_pruned(str(tmp_path))
+    with torch.no_grad():
+        assert (again(tokens).logits - loaded(tokens).logits).abs().max().item() <= 1e-4
+    assert again.config.kept_heads == [[2, 3, 5], [0, 1, 4]]  # original indices of the 6-head model
+
+
+def test_a_failed_save_leaves_the_folder_as_it_was(tmp_path):
+    folder = tmp_path / "model"
+    save_pruned(uniform_llama(), str(folder))
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+
+    class BrokenTokenizer:
+        def save_pretrained(self, directory):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(pruned_model("llama"), str(folder), tokenizer=BrokenTokenizer(), overwrite=True)
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+@pytest.mark.parametrize("where", ["weight", "gate"])
+def test_save_refuses_non_finite_weights_or_gates(where, tmp_path):
+    gated = pruned_model("llama")
+    with torch.no_grad():
+        if where == "weight":
+            gated.model.layers[1].self_attn.k_proj.weight[0, 0] = float("nan")
+        else:
+            find_gates(gated).values[1, 2] = float("inf")
+    name = "model.layers.1.self_attn.k_proj.weight" if where == "weight" else "head_gates.values"
+    with pytest.raises(ValueError, match=rf"non-finite.*\({name}\)"):
+        save_pruned(gated, str(tmp_path / "model"))
+    assert not os.path.exists(tmp_path / "model")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load_pruned checks the layout its config records (issue 11)
+
+
+def saved_with(tmp_path, family: str, **fields) -> str:
+    """A folder of ``pruned_model(family)`` (kept heads [[], [1, 2, 3], [0, 2]]) whose config.json has ``fields``."""
+    folder = tmp_path / family
+    save_pruned(pruned_model(family), str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(fields)
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        # contradicts the weights: layer 1 holds 3 query heads
+        ({"kept_heads": [[], [1, 2], [0, 2]], "key_value_index": [[], [0, 1], [0, 1]]},
+         r"layer 1 \(config\.kept_heads\[1\] = \[1, 2\].*q_proj\.weight is \[24, 32\] in the weights"),
+        ({"kept_heads": [1, 2, 3]}, r"config\.kept_heads = \[1, 2, 3\] must be a list holding one list"),
+        ({"kept_heads": "[[], [1, 2, 3], [0, 2]]"}, r"config\.kept_heads = .* must be a list"),
+        ({"kept_heads": [[], [1, 2, "3"], [0, 2]]}, r"config\.kept_heads\[1\] = .* holds '3'"),
+        ({"kept_heads": [[], [1, 2, 9], [0, 2]]}, r"config\.kept_heads\[1\] = \[1, 2, 9\] holds 9, .*\[0, 4\)"),
+        ({"kept_heads": [[], [-1, 2, 3], [0, 2]]}, r"config\.kept_heads\[1\] = \[-1, 2, 3\] holds -1"),
+        ({"kept_heads": [[], [3, 2, 1], [0, 2]]}, r"config\.kept_heads\[1\] = \[3, 2, 1\] must be strictly increasing"),
+        ({"kept_heads": [[1, 2, 3], [0, 2]]}, r"config\.kept_heads has 2 layers.*num_hidden_layers=3"),
+        ({"kept_key_value_heads": [[], [0, 5], [0, 1]]}, r"config\.kept_key_value_heads\[1\] = \[0, 5\] holds 5"),
+        ({"key_value_index": [[], [0, 1, 7], [0, 1]]}, r"config\.key_value_index\[1\] = \[0, 1, 7\]"),
+    ],
+)
+def test_load_pruned_names_the_layer_and_field_of_a_bad_layout(fields, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        load_pruned(saved_with(tmp_path, "llama", **fields))
+
+
+def test_load_pruned_refuses_separate_key_value_heads_without_grouped_query_attention(tmp_path):
+    folder = saved_with(tmp_path, "gpt2", kept_key_value_heads=[[], [0, 1, 2], [0, 2]])
+    with pytest.raises(ValueError, match=r"kept_key_value_heads\[1\] = \[0, 1, 2\] must equal config\.kept_heads\[1\]"):
+        load_pruned(folder)
+    folder = saved_with(tmp_path / "b", "gpt2", kept_heads=[[], [1, 2, 7], [0, 2]])
+    with pytest.raises(ValueError, match=r"kept_heads\[1\] = \[1, 2, 7\] holds 7, not a head index in \[0, 4\)"):
+        load_pruned(folder)

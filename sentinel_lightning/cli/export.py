@@ -9,8 +9,8 @@ from typing import Any
 from rich.console import Console
 
 from sentinel_lightning.callbacks.divergence import nonfinite_parameters
-from sentinel_lightning.compaction import compact, count_parameters, weight_bytes
-from sentinel_lightning.saving import save_pruned
+from sentinel_lightning.compaction import compact, count_parameters, kv_cache_bytes_per_token, weight_bytes
+from sentinel_lightning.saving import check_output_directory, save_pruned
 
 
 def load_checkpoint(ckpt_path: str):
@@ -38,24 +38,30 @@ def load_checkpoint(ckpt_path: str):
     return module
 
 
-def export_checkpoint(ckpt_path: str, output_dir: str) -> dict[str, Any]:
+def export_checkpoint(ckpt_path: str, output_dir: str, overwrite: bool = False) -> dict[str, Any]:
     """Turns a fine-tune-with-pruning checkpoint into a compact model folder that loads and serves on its own.
 
     The ``GatedLanguageModel`` of the checkpoint is rebuilt, its pruned heads are removed and its gates folded
     into the weights (``compact``), and the result is written with ``save_pruned``, together with the model's
-    tokenizer when it can be loaded (models built from a config have none). Prints one line of what it saved.
+    tokenizer when it can be loaded (models built from a config have none). Prints one line of what it saved:
+    heads, parameters, weight bytes and key/value-cache bytes per token, before and after.
 
     Args:
         ckpt_path: Path of a Lightning checkpoint of a ``GatedLanguageModel``.
-        output_dir: Folder to write the config, the safetensors weights and the tokenizer into.
+        output_dir: Folder to write the config, the safetensors weights and the tokenizer into; refused when it
+            already holds files, unless ``overwrite``.
+        overwrite: Whether to replace the model in a non-empty ``output_dir`` (``--overwrite true``): the model and
+            tokenizer files of an earlier save are removed, other files kept (see ``save_pruned``).
 
     Returns:
         ``{"output_dir", "tokenizer_saved", "heads_before", "heads_after", "parameters_before",
-        "parameters_after", "bytes_before", "bytes_after"}``: head and weight counts and the bytes of the weights
-        before and after compaction (gates excluded, tied weights once).
+        "parameters_after", "bytes_before", "bytes_after", "kv_cache_bytes_per_token_before",
+        "kv_cache_bytes_per_token_after"}``: head and weight counts, the bytes of the weights (gates excluded, tied
+        weights once) and the bytes one token adds to the key/value cache, before and after compaction.
     """
     from sentinel_lightning.pretrained import load_tokenizer
 
+    check_output_directory(output_dir, overwrite, option="--overwrite true")  # before the checkpoint is loaded
     module = load_checkpoint(ckpt_path)
     hparams = module.hparams
     tokenizer = None
@@ -65,7 +71,7 @@ def export_checkpoint(ckpt_path: str, output_dir: str) -> dict[str, Any]:
         except Exception as error:  # the model folder may have no tokenizer; the weights are what matters
             Console().print(f"export: no tokenizer saved ({error})", highlight=False, soft_wrap=True)
     compacted = compact(module)
-    save_pruned(compacted, output_dir, tokenizer)
+    save_pruned(compacted, output_dir, tokenizer, overwrite=overwrite)
     summary = {
         "output_dir": output_dir,
         "tokenizer_saved": tokenizer is not None,
@@ -75,11 +81,18 @@ def export_checkpoint(ckpt_path: str, output_dir: str) -> dict[str, Any]:
         "parameters_after": count_parameters(compacted),
         "bytes_before": weight_bytes(module.model),
         "bytes_after": weight_bytes(compacted),
+        "kv_cache_bytes_per_token_before": kv_cache_bytes_per_token(module.model),
+        "kv_cache_bytes_per_token_after": kv_cache_bytes_per_token(compacted),
     }
-    Console().print(
+    Console().print(_summary_line(summary), highlight=False, soft_wrap=True)
+    return summary
+
+
+def _summary_line(summary: dict[str, Any]) -> str:
+    """The line ``export`` prints: what was kept, before -> after, and where it was written."""
+    return (
         f"export: {summary['heads_after']}/{summary['heads_before']} heads kept; parameters "
         f"{summary['parameters_before']:,} -> {summary['parameters_after']:,}; weights {summary['bytes_before']:,} -> "
-        f"{summary['bytes_after']:,} bytes; written to {output_dir}",
-        highlight=False, soft_wrap=True,
+        f"{summary['bytes_after']:,} bytes; key/value cache {summary['kv_cache_bytes_per_token_before']:,} -> "
+        f"{summary['kv_cache_bytes_per_token_after']:,} bytes per token; written to {summary['output_dir']}"
     )
-    return summary
