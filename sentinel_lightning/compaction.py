@@ -11,6 +11,14 @@ repeat one: a layer whose kept groups are unequal reads its key/value heads thro
 parameter count drops with every pruned query head. A layer whose heads are all pruned gets a
 ``families.EmptyAttention``.
 
+A pruned head with a compensation (``HeadGates.compensation[l, h]``, ``[D]``: the constant it writes instead of
+its output, see ``HeadPruning(compensate=True)``) is folded through the output projection into its bias:
+``bias += W_o[:, h] @ compensation[l, h]`` summed over the layer's pruned heads (an ``EmptyAttention`` gets that
+bias). A family without an output bias gets one (``families.AttentionFamily.add_output_biases``): Llama states it
+with ``attention_bias`` (zero query/key/value biases), so a uniform layout still loads with plain transformers;
+Mistral, Qwen2 and OPT cannot state it in their config and are saved with modeling code. Zero compensation (the
+default) adds nothing.
+
 The config of a compacted model records what was kept: ``config.kept_heads[l]`` lists the original query heads
 that layer ``l`` kept, ``config.kept_key_value_heads[l]`` the original key/value heads it kept (no repeats; equal
 to ``kept_heads[l]`` for families without grouped-query attention) and ``config.key_value_index[l][i]`` which of
@@ -119,13 +127,16 @@ def compact(model: nn.Module) -> PreTrainedModel:
         )
     active = gates.active.detach().cpu().clone()  # [L, H]
     values = gates.values.detach().cpu().clone()  # [L, H]
+    compensation = gates.compensation.detach().cpu().double()  # [L, H, D]
     detach_gates(compacted)
     previous_heads, previous_kv_heads = _previous_record(compacted, family, num_layers, num_heads)
     num_kv_heads = family.num_key_value_heads(compacted.config)
 
-    kept_heads, kept_kv_heads, kv_indices = [], [], []
+    kept_heads, kept_kv_heads, kv_indices, folds = [], [], [], []
     for index, layer in enumerate(family.decoder_layers(compacted)):
         kept = active[index].nonzero().flatten().tolist()
+        pruned = (~active[index]).nonzero().flatten().tolist()
+        folds.append(_compensation_bias(family, family.attention_of(layer), pruned, compensation[index], head_dim))
         kv_sources = family.key_value_sources(kept, num_heads, num_kv_heads)
         kv_index = family.key_value_index(kept, num_heads, num_kv_heads)
         attention = family.attention_of(layer)
@@ -136,8 +147,44 @@ def compact(model: nn.Module) -> PreTrainedModel:
         kept_heads.append([previous_heads[index][head] for head in kept])
         kept_kv_heads.append([previous_kv_heads[index][head] for head in kv_sources])
         kv_indices.append(kv_index)
+    _fold_compensation(compacted, family, folds)
     _record(compacted.config, family, kept_heads, kept_kv_heads, kv_indices, head_dim)
     return compacted.eval()
+
+
+def _compensation_bias(
+    family: AttentionFamily, attention: nn.Module, pruned: list[int], compensation: torch.Tensor, head_dim: int
+) -> torch.Tensor | None:
+    """What the pruned heads' compensation adds to the layer's output: ``sum_h W_o[:, h] @ c[h]``, ``[C]``.
+
+    Args:
+        family: The model's family.
+        attention: The layer's attention module before resizing.
+        pruned: The layer's pruned query heads.
+        compensation: ``[H, D]`` (fp64): what each pruned head writes into the output projection.
+        head_dim: ``D``.
+
+    Returns:
+        The sum (fp64), or None when the pruned heads' compensation is all zero (nothing to fold).
+    """
+    if not pruned or not compensation[pruned].any():
+        return None
+    weight = family.output_matrix(attention).detach().double()  # [C, H * D]
+    columns = weight.unflatten(1, (-1, head_dim))[:, pruned]  # [C, p, D]
+    return torch.einsum("cpd,pd->c", columns, compensation[pruned].to(weight.device))
+
+
+def _fold_compensation(model: PreTrainedModel, family: AttentionFamily, folds: list[torch.Tensor | None]) -> None:
+    """Adds each layer's compensation sum ``[C]`` (or None) to its output bias, adding biases where the family has
+    none (``families.AttentionFamily.add_output_biases``), so that the compacted model computes what the gated one
+    did."""
+    if all(fold is None for fold in folds):
+        return
+    family.add_output_biases(model)
+    for layer, fold in zip(family.decoder_layers(model), folds):
+        if fold is not None:
+            bias = family.output_bias_of(family.attention_of(layer))
+            bias.add_(fold.to(bias))
 
 
 def _previous_record(model: PreTrainedModel, family: AttentionFamily, num_layers: int, num_heads: int) -> tuple:

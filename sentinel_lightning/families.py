@@ -22,6 +22,9 @@ from torch import nn
 from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, PretrainedConfig, Qwen2Config
 from transformers.pytorch_utils import Conv1D
 
+# Set in the config of a compacted model whose family's config cannot state the output biases compaction added.
+OUTPUT_BIAS_ATTRIBUTE = "attention_output_bias"
+
 
 class EmptyAttention(nn.Module):
     """The attention of a layer whose heads are all pruned: returns the output projection's bias, or zero.
@@ -91,6 +94,16 @@ def _empty_like(factory, reference: nn.Module) -> nn.Module:
     return module.to_empty(device=weight.device).to(weight.dtype)
 
 
+def _give_biases(attention: nn.Module, names: tuple[str, ...], reference: torch.Tensor) -> None:
+    """Gives the projections ``names`` of ``attention`` (an ``EmptyAttention`` itself) zero biases where they have
+    none, on ``reference``'s device and dtype."""
+    modules = [attention] if isinstance(attention, EmptyAttention) else [getattr(attention, name) for name in names]
+    for module in modules:
+        if getattr(module, "bias", None) is None:
+            width = module.hidden_size if isinstance(module, EmptyAttention) else _out_features(module)
+            module.bias = nn.Parameter(torch.zeros(width, device=reference.device, dtype=reference.dtype))
+
+
 def _linear(reference: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
     """An uninitialised ``nn.Linear`` like ``reference`` (bias, device, dtype) with new sizes."""
     bias = _bias(reference) is not None
@@ -117,6 +130,11 @@ class AttentionFamily:
         grouped_query: Whether query heads share key/value heads (``K <= H``, see ``key_value_sources``).
         config_has_head_dim: Whether the config states ``head_dim`` explicitly, so that rewriting
             ``num_attention_heads`` / ``num_key_value_heads`` describes fewer heads of the same ``D``.
+        bias_attribute: The config attribute that gives the attention projections biases (Llama's
+            ``attention_bias``: query, key, value and output together), through which a config states an output
+            bias that compaction adds; None when the family's config cannot state one alone (compaction then sets
+            ``config.attention_output_bias``, see ``add_output_biases``).
+        bias_projections: The projections ``bias_attribute`` gives biases to.
     """
 
     model_type: str = ""
@@ -126,6 +144,8 @@ class AttentionFamily:
     cache_keywords: tuple[str, ...] = ("cache", "past_key_values")
     grouped_query: bool = False
     config_has_head_dim: bool = False
+    bias_attribute: str | None = None
+    bias_projections: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_type={self.model_type!r})"
@@ -238,6 +258,49 @@ class AttentionFamily:
         output = self.output_projection_of(attention)
         empty = EmptyAttention(_out_features(output), layer_idx, _bias(output) is not None, self.cache_keywords)
         return empty.to(device=output.weight.device, dtype=output.weight.dtype)
+
+    # Output biases (output compensation)
+
+    def output_matrix(self, attention: nn.Module) -> torch.Tensor:
+        """The output projection's weight as ``[C, H * D]`` (GPT-2's ``Conv1D`` stores it transposed)."""
+        projection = self.output_projection_of(attention)
+        return projection.weight.T if isinstance(projection, Conv1D) else projection.weight
+
+    def output_bias_of(self, attention: nn.Module) -> torch.Tensor | None:
+        """The bias ``[C]`` an attention sublayer adds to its output (an ``EmptyAttention``'s own), or None."""
+        if isinstance(attention, EmptyAttention):
+            return attention.bias
+        return _bias(self.output_projection_of(attention))
+
+    def add_output_biases(self, model: nn.Module) -> None:
+        """Gives every attention sublayer of ``model`` an output bias (zeros where it had none), stated in the config.
+
+        Through ``bias_attribute`` where the family has one (the other projections it governs get zero biases, so
+        that the stock modules describe the model), else as ``config.attention_output_bias = True``, which
+        ``restore_output_biases`` reads when a model is built from the config. Nothing changes when every
+        sublayer has an output bias already.
+        """
+        attentions = [self.attention_of(layer) for layer in self.decoder_layers(model)]
+        if all(self.output_bias_of(attention) is not None for attention in attentions):
+            return
+        if self.bias_attribute is not None:
+            setattr(model.config, self.bias_attribute, True)
+            names = self.bias_projections
+        else:
+            setattr(model.config, OUTPUT_BIAS_ATTRIBUTE, True)
+            names = (self.output_projection,)
+        reference = next(model.parameters())
+        for attention in attentions:
+            _give_biases(attention, () if isinstance(attention, EmptyAttention) else names, reference)
+
+    def restore_output_biases(self, model: nn.Module) -> None:
+        """Gives a model built from a config with ``attention_output_bias`` its output biases (to be loaded)."""
+        if getattr(model.config, OUTPUT_BIAS_ATTRIBUTE, False):
+            reference = next(model.parameters())
+            for layer in self.decoder_layers(model):
+                attention = self.attention_of(layer)
+                names = () if isinstance(attention, EmptyAttention) else (self.output_projection,)
+                _give_biases(attention, names, reference)
 
     def _slice_kept(self, attention, kept, kv_sources, scale, head_dim) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{self!r} does not implement _slice_kept.")
@@ -386,9 +449,13 @@ class GroupedQueryFamily(SeparateProjectionsFamily):
     layers, output_projection = "model.layers", "o_proj"
     grouped_query = config_has_head_dim = True
 
-    def __init__(self, model_type: str, config_class: type[PretrainedConfig]) -> None:
+    def __init__(
+        self, model_type: str, config_class: type[PretrainedConfig], bias_attribute: str | None = None
+    ) -> None:
         self.model_type = model_type
         self.config_class = config_class
+        self.bias_attribute = bias_attribute
+        self.bias_projections = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def num_key_value_heads(self, config: PretrainedConfig) -> int:
         return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -410,7 +477,7 @@ FAMILIES: dict[str, AttentionFamily] = {
         GPT2Family(),
         OPTFamily(),
         GPTNeoXFamily(),
-        GroupedQueryFamily("llama", LlamaConfig),
+        GroupedQueryFamily("llama", LlamaConfig, bias_attribute="attention_bias"),  # Mistral, Qwen2: o_proj never
         GroupedQueryFamily("mistral", MistralConfig),
         GroupedQueryFamily("qwen2", Qwen2Config),
     )

@@ -40,6 +40,11 @@ class HeadGates(nn.Module):
             ``[num_layers, num_heads]``; reactivation by importance ranks pruned heads by it.
         protected_until: The last epoch at whose end each head must not be pruned (-1: none),
             ``[num_layers, num_heads]``; reactivation protects the heads it gives back.
+        compensation: What a pruned head writes in place of its output, ``[num_layers, num_heads, head_dim]``
+            (zeros: a pruned head writes nothing). ``HeadPruning(compensate=True)`` sets it to the head's mean
+            output (FLAP's bias compensation) and ``compaction.compact`` folds it into the output projection's
+            bias. It is read only while the head is pruned: reactivation leaves it, and the next pruning of the
+            head overwrites it.
 
     The buffers are the pruning callbacks' shared per-head state: they travel in the model's ``state_dict`` and
     so in every Lightning checkpoint.
@@ -58,7 +63,13 @@ class HeadGates(nn.Module):
         self.register_buffer("values_before_pruning", torch.ones(num_layers, num_heads))
         self.register_buffer("importance_at_pruning", torch.full((num_layers, num_heads), float("nan")))
         self.register_buffer("protected_until", torch.full((num_layers, num_heads), -1, dtype=torch.long))
+        self.register_buffer("compensation", torch.zeros(num_layers, num_heads, head_dim))
         # The gradient of a pruned head's gate is exactly zero: values * active has no gradient where active is False.
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints written before ``compensation`` existed load with zeros (pruned heads wrote nothing then).
+        state_dict.setdefault(f"{prefix}compensation", torch.zeros_like(self.compensation))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def num_layers(self) -> int:
@@ -135,6 +146,10 @@ class HeadGates(nn.Module):
 class _GateHook:
     """Forward pre-hook of an output projection: scales each head's slice of its input by the layer's gates.
 
+    Head ``h``'s slice ``x[..., h, :]`` of the input ``[batch, seq, num_heads, head_dim]`` becomes
+    ``o[..., h, :] * values[l, h]`` while the head is active and ``compensation[l, h]`` while it is pruned
+    (computed as ``o * (values * active) + compensation * ~active``: with zero compensation, today's exact zero).
+
     A callable object rather than a closure so that ``copy.deepcopy`` and pickling keep it pointing at the
     copied model's gates.
     """
@@ -145,9 +160,11 @@ class _GateHook:
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
         hidden, *rest = args  # [batch, seq, num_heads * head_dim]
-        gate = self.gates.values[self.layer] * self.gates.active[self.layer]  # [num_heads]
+        active = self.gates.active[self.layer]  # [num_heads]
+        gate = self.gates.values[self.layer] * active  # [num_heads]
+        constant = self.gates.compensation[self.layer] * ~active.unsqueeze(-1)  # [num_heads, head_dim]
         heads = hidden.unflatten(-1, (self.gates.num_heads, self.gates.head_dim))  # [batch, seq, H, D]
-        hidden = (heads * gate.to(hidden.dtype).unsqueeze(-1)).flatten(-2)
+        hidden = (heads * gate.to(hidden.dtype).unsqueeze(-1) + constant.to(hidden.dtype)).flatten(-2)
         return (hidden, *rest)
 
 

@@ -33,7 +33,8 @@ class HeadOutputRecording:
         model: A gated causal LM (see ``attach_gates``).
 
     Attributes:
-        output_sums: ``[L, H, D]``: each head's output summed over every position recorded.
+        output_sums: ``[L, H, D]``: each head's output summed over every position recorded (fp32, on the gates'
+            device, like the other sums: the hooks never synchronise with the host).
         positions: Number of positions (``B * T``) summed into ``output_sums``.
         example_importance: ``[L, H]``: ``|dL/dg|`` of each example summed over examples (filled by backward).
         example_gradient: ``[L, H]``: the signed per-example gradients summed over examples (equal to the gates'
@@ -48,10 +49,11 @@ class HeadOutputRecording:
         self.model = model
         self.gates: HeadGates = gates
         num_layers, num_heads, head_dim = gates.num_layers, gates.num_heads, gates.head_dim
-        self.output_sums = torch.zeros(num_layers, num_heads, head_dim)
+        device = gates.values.device
+        self.output_sums = torch.zeros(num_layers, num_heads, head_dim, device=device)
         self.positions = 0
-        self.example_importance = torch.zeros(num_layers, num_heads)
-        self.example_gradient = torch.zeros(num_layers, num_heads)
+        self.example_importance = torch.zeros(num_layers, num_heads, device=device)
+        self.example_gradient = torch.zeros(num_layers, num_heads, device=device)
         self.examples = 0
         self._outputs: dict[int, torch.Tensor] = {}  # layer -> o [B, T, H, D] of the latest forward
         self._handles: list[RemovableHandle] = []
@@ -82,7 +84,7 @@ class HeadOutputRecording:
     def _before_gate(self, layer: int):
         def hook(module: nn.Module, args: tuple) -> None:
             outputs = self._heads(args[0]).detach()  # [B, T, H, D]
-            self.output_sums[layer] += outputs.float().sum(dim=(0, 1)).cpu()
+            self.output_sums[layer] += outputs.float().sum(dim=(0, 1)).to(self.output_sums.device)
             if layer == 0:
                 self.positions += outputs.shape[0] * outputs.shape[1]
             if torch.is_grad_enabled():
@@ -105,8 +107,9 @@ class HeadOutputRecording:
                 return
             per_example = torch.einsum("bthd,bthd->bh", self._heads(gradient).float(), outputs.float())  # [B, H]
             per_example = per_example * self.gates.active[layer].to(per_example.dtype)  # a pruned gate has none
-            self.example_importance[layer] += per_example.abs().sum(dim=0).cpu()
-            self.example_gradient[layer] += per_example.sum(dim=0).cpu()
+            per_example = per_example.to(self.example_importance.device)
+            self.example_importance[layer] += per_example.abs().sum(dim=0)
+            self.example_gradient[layer] += per_example.sum(dim=0)
             if layer == 0:
                 self.examples += per_example.shape[0]
 

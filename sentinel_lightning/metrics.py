@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import Metric
 
-from sentinel_lightning.attention_entropy import EntropyRecording
+from sentinel_lightning.attention_entropy import ATTENTION_STATISTICS, EntropyRecording
 from sentinel_lightning.gates import find_causal_lm, find_gates
+from sentinel_lightning.head_outputs import HeadOutputRecording
 
 IGNORE_INDEX = -100
 
@@ -35,11 +36,54 @@ def causal_lm_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[
     return total, (shifted_labels != IGNORE_INDEX).sum()
 
 
+def causal_lm_inputs(
+    batch: Mapping[str, torch.Tensor], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The one masking rule: a position is not predicted when its label is -100 or its ``attention_mask`` is 0.
+
+    Args:
+        batch: ``input_ids`` ``[batch, seq]``, optionally ``attention_mask`` ``[batch, seq]`` (1 = token) and
+            ``labels`` ``[batch, seq]`` (default: ``input_ids``).
+        device: Where the returned tensors live.
+
+    Returns:
+        ``input_ids`` ``[batch, seq]``, ``attention_mask`` ``[batch, seq]`` (or None) and the masked ``labels``
+        ``[batch, seq]`` (-100 wherever the position is not predicted).
+    """
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise TypeError(
+            "batch must be a dict with 'input_ids' (and optionally 'attention_mask', 'labels'); got "
+            f"{type(batch).__name__}."
+        )
+    input_ids = batch["input_ids"].to(device)
+    labels = batch.get("labels", input_ids).to(device)
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+        labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    return input_ids, attention_mask, labels
+
+
+def causal_lm_logits(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass of ``model`` on ``batch`` under the one masking rule (``causal_lm_inputs``).
+
+    Args:
+        model: A Hugging Face causal LM (gated or not); the batch is moved to its device.
+        batch: As for ``causal_lm_inputs``.
+
+    Returns:
+        The logits ``[batch, seq, vocab]`` (differentiable) and the masked labels ``[batch, seq]``.
+    """
+    input_ids, attention_mask, labels = causal_lm_inputs(batch, next(model.parameters()).device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return logits, labels
+
+
 def causal_lm_nll(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The one measurement contract: summed next-token NLL of a batch and the number of tokens it predicts.
 
-    One masking rule everywhere (training, validation, evaluation, calibration): a position is not predicted
-    when its label is -100 or its ``attention_mask`` is 0 (padding).
+    One masking rule everywhere (training, validation, evaluation, calibration, distillation): a position is not
+    predicted when its label is -100 or its ``attention_mask`` is 0 (padding); see ``causal_lm_inputs``.
 
     Args:
         model: A Hugging Face causal LM (gated or not); the batch is moved to its device.
@@ -49,20 +93,30 @@ def causal_lm_nll(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> 
     Returns:
         The summed loss (a scalar, fp32, differentiable) and the count of predicted tokens (a scalar).
     """
-    if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise TypeError(
-            "batch must be a dict with 'input_ids' (and optionally 'attention_mask', 'labels'); got "
-            f"{type(batch).__name__}."
-        )
-    device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
-    labels = batch.get("labels", input_ids).to(device)
-    attention_mask = batch.get("attention_mask")
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device)
-        labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return causal_lm_token_losses(logits, labels)
+    return causal_lm_token_losses(*causal_lm_logits(model, batch))
+
+
+def causal_lm_token_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed ``KL(teacher_T || student_T)`` over the predicted tokens and their number (as ``causal_lm_token_losses``).
+
+    ``p_T = softmax(logits / T)``; the KL is taken at each position whose next token is predicted (its shifted
+    label is not -100), exactly the positions the cross-entropy counts.
+
+    Args:
+        student_logits: ``[batch, seq, vocab]`` (differentiable).
+        teacher_logits: ``[batch, seq, vocab]``.
+        labels: ``[batch, seq]`` masked labels (``causal_lm_inputs``); -100 marks positions not predicted.
+        temperature: ``T`` > 0.
+
+    Returns:
+        The summed KL (a scalar, fp32, in nats, unscaled by ``T``) and the count of predicted tokens (a scalar).
+    """
+    predicted = labels[:, 1:] != IGNORE_INDEX  # [batch, seq - 1]
+    student = F.log_softmax(student_logits[:, :-1][predicted].float() / temperature, dim=-1)  # [tokens, vocab]
+    teacher = F.log_softmax(teacher_logits[:, :-1][predicted].float() / temperature, dim=-1)  # [tokens, vocab]
+    return F.kl_div(student, teacher, log_target=True, reduction="sum"), predicted.sum()
 
 
 class Perplexity(Metric):
@@ -86,7 +140,8 @@ class Perplexity(Metric):
 
 
 class PerHeadMean(Metric):
-    """The mean of a per-head quantity ``[num_layers, num_heads]`` over weighted updates (steps or tokens).
+    """The mean of a per-head quantity ``[num_layers, num_heads, *trailing]`` over weighted updates (steps, tokens,
+    examples or positions).
 
     A non-finite update is left out of the mean, counted in ``skipped`` and warned about (on rank zero, at the
     first one since the last reset), so that it never drives a decision unseen: ``total_skipped()`` gives the
@@ -95,19 +150,23 @@ class PerHeadMean(Metric):
     Args:
         num_layers, num_heads: The grid.
         name: What the mean is of, for the warnings (e.g. ``"grad_norm"``).
+        trailing: Further dimensions of the quantity per head (e.g. ``(D,)`` for a head's output vector).
     """
 
     full_state_update = False
 
-    def __init__(self, num_layers: int, num_heads: int, name: str = "per-head mean", **kwargs) -> None:
+    def __init__(
+        self, num_layers: int, num_heads: int, name: str = "per-head mean", trailing: tuple[int, ...] = (), **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         self.name = name
-        self.add_state("total", torch.zeros(num_layers, num_heads, dtype=torch.float64), dist_reduce_fx="sum")
+        shape = (num_layers, num_heads, *trailing)
+        self.add_state("total", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("weight", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("skipped", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, total: torch.Tensor, weight: float | torch.Tensor = 1.0) -> None:
-        """Adds ``total`` ``[num_layers, num_heads]``, the sum over ``weight`` units (steps or tokens)."""
+        """Adds ``total`` ``[num_layers, num_heads, *trailing]``, the sum over ``weight`` units (steps, tokens...)."""
         total = total.detach().to(self.total.device, torch.float64)
         if not torch.isfinite(total).all():
             self.skipped = self.skipped + 1
@@ -126,7 +185,7 @@ class PerHeadMean(Metric):
             return int(self.skipped)
 
     def compute(self) -> torch.Tensor:
-        """The mean ``[num_layers, num_heads]``; NaN where nothing was accumulated yet."""
+        """The mean ``[num_layers, num_heads, *trailing]``; NaN where nothing was accumulated yet."""
         if self.weight == 0:
             return torch.full_like(self.total, float("nan")).float()
         return (self.total / self.weight).float()
@@ -135,75 +194,118 @@ class PerHeadMean(Metric):
 class HeadStatistics(torch.nn.Module):
     """The head metrics' estimators, shared by ``HeadMetrics`` (during fit) and ``measure_head_metrics`` (without).
 
-    - ``entropy``: each head's attention entropy (nats), the mean over real query tokens of the recorded passes.
+    - ``entropy``: each head's attention entropy (nats), the mean over real query tokens of the recorded passes;
+      ``sink_mass`` and ``rest_entropy`` likewise (``attention_entropy.attention_statistics``).
     - ``grad_norm``: ``|dL/dgate|`` of each step's loss (the importance of Michel et al., 2019), the mean over
-      steps.
+      steps. Examples cancel in it: it is the absolute value of the whole batch's gradient.
+    - ``example_importance``: the mean over examples of ``|dL_b/dg|`` (Michel et al.'s expectation), ``L_b`` the
+      training loss of example ``b`` alone, from the per-example gate gradients of ``HeadOutputRecording``. With a
+      loss that is the mean over a step's examples (token-weighted when their token counts differ) example ``b``
+      contributes ``dL_b/dg / B`` to the step's gradient, so the sum of those contributions' absolute values is
+      the step's mean of ``|dL_b/dg|``; steps are weighted by their examples. Never below ``grad_norm`` on the
+      same steps (``|sum| <= sum of |.|``).
+    - ``output_mean``: each head's output ``o[l, h, :]`` before its gate, the mean over every position of the
+      recorded passes, ``[L, H, D]`` (what ``HeadPruning(compensate=True)`` puts in place of a pruned head).
+
+    Every state is a sum with ``dist_reduce_fx="sum"``, so ``compute()`` agrees on every DDP rank.
 
     Args:
         num_layers, num_heads: The gates' grid.
+        head_dim: ``D`` of ``output_mean``.
     """
 
-    def __init__(self, num_layers: int, num_heads: int) -> None:
+    KEYS = ("entropy", "sink_mass", "rest_entropy", "grad_norm", "example_importance", "output_mean")
+
+    def __init__(self, num_layers: int, num_heads: int, head_dim: int = 1) -> None:
         super().__init__()
         self.entropy = PerHeadMean(num_layers, num_heads, name="entropy")
+        self.sink_mass = PerHeadMean(num_layers, num_heads, name="sink_mass")
+        self.rest_entropy = PerHeadMean(num_layers, num_heads, name="rest_entropy")
         self.grad_norm = PerHeadMean(num_layers, num_heads, name="grad_norm")
+        self.example_importance = PerHeadMean(num_layers, num_heads, name="example_importance")
+        self.output_mean = PerHeadMean(num_layers, num_heads, name="output_mean", trailing=(head_dim,))
 
     def update_entropy(self, recording: EntropyRecording) -> None:
-        """Adds a closed recording's entropy sums ``[L, H]``, weighted by its real query tokens."""
-        self.entropy.update(recording.sums, recording.tokens)
+        """Adds a closed recording's sums ``[L, H]`` (entropy, sink mass, rest entropy), weighted by its real
+        query tokens."""
+        for name in ATTENTION_STATISTICS:
+            getattr(self, name).update(recording.totals[name], recording.tokens)
 
     def update_gradient(self, gradient: torch.Tensor) -> None:
         """Adds one step's gate gradient ``[L, H]`` (its absolute value)."""
         self.grad_norm.update(gradient.abs())
 
+    def update_outputs(self, output_sums: torch.Tensor, positions: int) -> None:
+        """Adds heads' outputs ``[L, H, D]`` summed over ``positions`` (``HeadOutputRecording.output_sums``)."""
+        if positions:
+            self.output_mean.update(output_sums, positions)
+
+    def update_example_importance(self, importance: torch.Tensor, examples: int) -> None:
+        """Adds one optimizer step's ``sum_b |dL/dg[b]|`` ``[L, H]`` over its ``examples`` examples.
+
+        ``importance`` is ``HeadOutputRecording.example_importance`` (summed over the step's micro-batches, in the
+        units of the step's unscaled loss), i.e. the step's mean of ``|dL_b/dg|``; it is weighted by ``examples``.
+        """
+        if examples:
+            self.example_importance.update(importance * examples, examples)
+
+    def update_recording(self, recording: HeadOutputRecording) -> None:
+        """Adds a closed ``HeadOutputRecording`` of one whole step (its outputs and per-example gradients)."""
+        self.update_outputs(recording.output_sums, recording.positions)
+        self.update_example_importance(recording.example_importance, recording.examples)
+
     def compute(self) -> dict[str, torch.Tensor]:
-        """``{"entropy": [L, H], "grad_norm": [L, H]}``, NaN where nothing was accumulated; a DDP collective."""
-        return {"entropy": self.entropy.compute(), "grad_norm": self.grad_norm.compute()}
+        """``{"entropy", "grad_norm", "example_importance": [L, H], "output_mean": [L, H, D]}``, NaN where nothing
+        was accumulated; a DDP collective."""
+        return {key: getattr(self, key).compute() for key in self.KEYS}
 
     def skipped(self) -> dict[str, int]:
-        """``{"entropy": n, "grad_norm": n}``: non-finite updates left out since the last reset, over every process.
+        """``{name: n}`` for every estimator: non-finite updates left out since the last reset, over every process.
 
         A DDP collective, like ``compute``: a decision taken right after a divergence can see that its means rest
         on the steps before it only.
         """
-        return {"entropy": self.entropy.total_skipped(), "grad_norm": self.grad_norm.total_skipped()}
+        return {key: getattr(self, key).total_skipped() for key in self.KEYS}
 
     def reset(self) -> None:
-        self.entropy.reset()
-        self.grad_norm.reset()
+        for key in self.KEYS:
+            getattr(self, key).reset()
 
 
 def measure_head_metrics(
     model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
-    """Measures every head's attention entropy and gradient importance on calibration batches, without a Trainer.
+    """Measures every head's entropy, gradient importances and mean output on calibration batches, without a Trainer.
 
     The same estimators as ``HeadMetrics`` (``HeadStatistics``), each batch standing for one step: one eval-mode
-    forward that records the entropy, and the gates' gradient of that batch's mean token loss
-    (``causal_lm_nll``).
+    forward that records the entropy and the heads' outputs, and the gates' gradient of that batch's mean token
+    loss (``causal_lm_nll``), per example and for the batch.
 
     Args:
         model: A gated causal LM (see ``attach_gates``), or a module holding one.
         batches: Dicts with ``input_ids`` ``[batch, seq]`` and optionally ``attention_mask`` and ``labels``.
 
     Returns:
-        ``{"entropy": [num_layers, num_heads], "grad_norm": [num_layers, num_heads]}``.
+        ``{"entropy", "grad_norm", "example_importance": [num_layers, num_heads], "output_mean": [num_layers,
+        num_heads, head_dim]}`` (see ``HeadStatistics``).
     """
     gates = find_gates(model)
     if gates is None:
         raise ValueError(f"measure_head_metrics needs a gated model; {type(model).__name__} has no HeadGates.")
     causal_lm = find_causal_lm(model)
-    statistics = HeadStatistics(gates.num_layers, gates.num_heads)
+    statistics = HeadStatistics(gates.num_layers, gates.num_heads, gates.head_dim)
     learns, was_training = gates.values.requires_grad, causal_lm.training
     gates.values.requires_grad_(True)
     causal_lm.eval()
     try:
         for batch in batches:
-            with torch.enable_grad(), EntropyRecording(causal_lm) as recording:
-                nll_sum, tokens = causal_lm_nll(causal_lm, batch)
-            (gradient,) = torch.autograd.grad(nll_sum / tokens.clamp_min(1), gates.values)
+            with torch.enable_grad(), HeadOutputRecording(causal_lm) as outputs:
+                with EntropyRecording(causal_lm) as recording:
+                    nll_sum, tokens = causal_lm_nll(causal_lm, batch)
+                (gradient,) = torch.autograd.grad(nll_sum / tokens.clamp_min(1), gates.values)
             statistics.update_entropy(recording)
             statistics.update_gradient(gradient)
+            statistics.update_recording(outputs)
     finally:
         gates.values.requires_grad_(learns)
         causal_lm.train(was_training)

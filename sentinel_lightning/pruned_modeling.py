@@ -31,7 +31,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .families import AttentionFamily, family_of
+from .families import OUTPUT_BIAS_ATTRIBUTE, AttentionFamily, family_of
 
 
 class KeyValueIndexAttention:
@@ -230,8 +230,11 @@ def stock_describes(model: PreTrainedModel) -> bool:
     """Whether the family's stock modules, built from ``model.config`` alone, have every layer's layout.
 
     True for a model never compacted and for uniform layouts whose config states the head counts; such a model
-    loads with plain ``from_pretrained``.
+    loads with plain ``from_pretrained``. False when compaction gave the output projections biases that the
+    family's config cannot state (``config.attention_output_bias``, see ``families.add_output_biases``).
     """
+    if getattr(model.config, OUTPUT_BIAS_ATTRIBUTE, False):
+        return False
     indices = key_value_indices(model.config)
     return indices is None or all(_is_stock(kv_index, *_stock_layout(model)) for kv_index in indices)
 
@@ -244,15 +247,22 @@ def rebuild_layers(model: PreTrainedModel) -> None:
     """Gives a model built from a compacted config the layers its config records (before weights are loaded).
 
     Layers the stock modules already express are left alone; the others get uninitialised projections of the
-    recorded sizes (``resize_attention``).
+    recorded sizes (``resize_attention``). With ``config.attention_output_bias`` every attention sublayer then gets
+    an output bias (``families.AttentionFamily.restore_output_biases``).
 
     Raises:
         ValueError: When the config records a different number of layers than the model has, or disagrees
             with itself (see ``key_value_indices``).
     """
     indices = key_value_indices(model.config)
-    if indices is None:
-        return
+    if indices is not None:
+        _rebuild_attention(model, indices)
+    if getattr(model.config, OUTPUT_BIAS_ATTRIBUTE, False):
+        family_of(model).restore_output_biases(model)
+
+
+def _rebuild_attention(model: PreTrainedModel, indices: list[list[int]]) -> None:
+    """Resizes the attention of every layer whose ``kv_index`` (one per layer) the stock modules do not express."""
     family = family_of(model)
     layers = family.decoder_layers(model)
     if len(indices) != len(layers):

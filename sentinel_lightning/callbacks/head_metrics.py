@@ -1,4 +1,4 @@
-"""``HeadMetrics``: accumulates every head's attention entropy and gradient importance during fit."""
+"""``HeadMetrics``: accumulates every head's attention entropy, gradient importances and mean output during fit."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing_extensions import override
 from sentinel_lightning.attention_entropy import EntropyRecording
 from sentinel_lightning.events import HeadEvent, HeadEventListener
 from sentinel_lightning.gates import HeadGates, find_causal_lm, find_or_attach_gates
+from sentinel_lightning.head_outputs import HeadOutputRecording
 from sentinel_lightning.metrics import HeadStatistics
 
 
@@ -24,9 +25,17 @@ class HeadMetrics(HeadEventListener):
       attention instead of the model's fast kernel for that one step, nothing re-run.
     - ``grad_norm``: ``|dL/dgate|`` per optimizer step (the head importance of Michel et al., 2019), read from
       the gates' gradient before each optimizer step and averaged over steps.
+    - ``example_importance``: the mean over examples of ``|dL_b/dg|`` (Michel et al.'s expectation, where
+      ``grad_norm`` lets examples cancel), from each example's gate gradient; the examples of all micro-batches of
+      an optimizer step (gradient accumulation) belong to that step, and an AMP loss scale is divided out.
+    - ``output_mean``: each head's output before its gate, averaged over every training position, ``[L, H, D]``
+      (what ``HeadPruning(compensate=True)`` puts in place of a pruned head).
 
-    Both are ``HeadStatistics``: sums and counts in ``torchmetrics`` states reduced across DDP ranks, so
-    ``compute()`` agrees on every rank.
+    The last two come from a ``HeadOutputRecording`` open during every training step (hooks on the output
+    projections, from ``on_train_batch_start`` to ``on_train_batch_end``; stopped on an exception too): a sum
+    over positions in the forward and one ``[B, H]`` product per layer in the backward, on the device, no host
+    synchronisation inside the passes. All four are ``HeadStatistics``: sums and counts in ``torchmetrics`` states
+    reduced across DDP ranks, so ``compute()`` agrees on every rank.
 
     Args:
         entropy_every_n_steps: Record entropy on one training batch in this many. The recorded step runs eager
@@ -45,6 +54,10 @@ class HeadMetrics(HeadEventListener):
         self.batches_seen = 0
         self._gates: HeadGates | None = None
         self._recording: EntropyRecording | None = None
+        self._outputs: HeadOutputRecording | None = None
+        # Per-example importance of the micro-batches since the last optimizer step: [L, H] sum and examples.
+        self._step_importance: torch.Tensor | None = None
+        self._step_examples = 0
         self._pending_state: dict[str, Any] | None = None
 
     @property
@@ -67,21 +80,21 @@ class HeadMetrics(HeadEventListener):
         # The gates' gradient is the importance signal, whether or not the gates are trained.
         self._gates.values.requires_grad_(True)
         if self.statistics is None:
-            self.statistics = HeadStatistics(self._gates.num_layers, self._gates.num_heads)
+            self.statistics = HeadStatistics(self._gates.num_layers, self._gates.num_heads, self._gates.head_dim)
         self.statistics.to(pl_module.device)
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """``{"entropy": [num_layers, num_heads], "grad_norm": [num_layers, num_heads]}``, NaN where empty.
+        """``{"entropy", "grad_norm", "example_importance": [L, H], "output_mean": [L, H, D]}``, NaN where empty.
 
         Reduces across DDP ranks: every rank must call it at the same point.
         """
         return self._set_up_statistics("compute").compute()
 
     def skipped(self) -> dict[str, int]:
-        """``{"entropy": n, "grad_norm": n}``: non-finite updates left out of ``compute()``'s means since the last
-        reset, over every process; a DDP collective (``HeadStatistics.skipped``)."""
+        """``{name: n}`` per estimator: non-finite updates left out of ``compute()``'s means since the last reset,
+        over every process; a DDP collective (``HeadStatistics.skipped``)."""
         return self._set_up_statistics("skipped").skipped()
 
     def _set_up_statistics(self, caller: str) -> HeadStatistics:
@@ -102,12 +115,14 @@ class HeadMetrics(HeadEventListener):
     ) -> None:
         if self._entropy_due():
             self._recording = EntropyRecording(find_causal_lm(pl_module)).start()
+        self._outputs = HeadOutputRecording(find_causal_lm(pl_module)).start()
 
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
         self.batches_seen += 1
+        self._close_outputs()
         recording = self._stop_recording()
         if recording is not None:
             if recording.complete:
@@ -125,6 +140,9 @@ class HeadMetrics(HeadEventListener):
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._stop_recording()
+        outputs, self._outputs = self._outputs, None
+        if outputs is not None:
+            outputs.stop()
 
     def _stop_recording(self) -> EntropyRecording | None:
         recording, self._recording = self._recording, None
@@ -132,8 +150,40 @@ class HeadMetrics(HeadEventListener):
             recording.stop()
         return recording
 
+    def _close_outputs(self) -> None:
+        """Stops the step's output recording: its outputs join ``output_mean``, and the per-example gradients of
+        a micro-batch that no optimizer step took yet wait for the next one (gradient accumulation)."""
+        outputs, self._outputs = self._outputs, None
+        if outputs is None:
+            return
+        outputs.stop()
+        self.statistics.update_outputs(outputs.output_sums, outputs.positions)
+        if outputs.examples:
+            pending, importance = self._step_importance, outputs.example_importance
+            self._step_importance = importance if pending is None else pending + importance
+            self._step_examples += outputs.examples
+
+    def _take_step_importance(self, trainer: L.Trainer) -> None:
+        """Adds the per-example importance of the optimizer step about to be taken (every micro-batch since the
+        last one, the open recording's backward included), the AMP loss scale divided out."""
+        importance, examples = self._step_importance, self._step_examples
+        outputs = self._outputs
+        if outputs is not None and outputs.examples:
+            importance = outputs.example_importance if importance is None else importance + outputs.example_importance
+            examples += outputs.examples
+            outputs.example_importance = torch.zeros_like(outputs.example_importance)  # taken by this step
+            outputs.examples = 0
+        self._step_importance, self._step_examples = None, 0
+        if importance is None:
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # the backward ran on the scaled loss
+        if scaler is not None and hasattr(scaler, "get_scale"):
+            importance = importance / scaler.get_scale()
+        self.statistics.update_example_importance(importance, examples)
+
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        self._take_step_importance(trainer)
         values = self._gates.values
         if values.grad is None:
             return
@@ -151,10 +201,13 @@ class HeadMetrics(HeadEventListener):
     def state_dict(self) -> dict[str, Any]:
         if self.statistics is None:
             return self._pending_state or {}
-        metrics = {"entropy": self.statistics.entropy, "grad_norm": self.statistics.grad_norm}
+        pending = self._step_importance
         return {
             "batches_seen": self.batches_seen,
-            **{key: _states(metric) for key, metric in metrics.items()},
+            **{key: _states(getattr(self.statistics, key)) for key in HeadStatistics.KEYS},
+            # A checkpoint taken inside an accumulation window keeps the micro-batches already recorded.
+            "step_importance": None if pending is None else pending.clone(),
+            "step_examples": self._step_examples,
         }
 
     @override
@@ -165,10 +218,13 @@ class HeadMetrics(HeadEventListener):
             self._pending_state = state_dict
             return
         self.batches_seen = state_dict["batches_seen"]
-        for key in ("entropy", "grad_norm"):
+        for key in HeadStatistics.KEYS:
             metric = getattr(self.statistics, key)
-            for name, value in state_dict[key].items():
+            for name, value in state_dict.get(key, {}).items():  # checkpoints of older versions lack some
                 setattr(metric, name, value.to(metric.total.device))
+        pending = state_dict.get("step_importance")
+        self._step_importance = None if pending is None else pending.to(self.statistics.grad_norm.total.device)
+        self._step_examples = state_dict.get("step_examples", 0)
         self._pending_state = None
 
 

@@ -16,6 +16,7 @@ from sentinel_lightning.events import HeadEvent, find_callback, notify_head_even
 from sentinel_lightning.families import family_of
 from sentinel_lightning.gates import HeadGates, find_causal_lm, find_or_attach_gates
 from sentinel_lightning.strategies import (
+    METRIC_STRATEGIES,
     Strategy,
     prunable_per_layer,
     pruning_step,
@@ -32,7 +33,6 @@ Schedule = Mapping[int, float] | Callable[[int], float | None]
 DEFAULT_SCHEDULE = {0: 0.1, 1: 0.2, 2: 0.3}
 # The strategy our own comparison recommends (docs/results.md): gradient beats random and entropy at every level.
 DEFAULT_STRATEGY = "gradient"
-METRIC_STRATEGIES = ("entropy", "gradient")
 INTERVALS = ("epoch", "step")
 
 
@@ -86,6 +86,12 @@ class HeadPruning(L.Callback):
         interval: ``"epoch"`` prunes at the end of the scheduled epochs; ``"step"`` right after the scheduled
             optimizer steps, inside an epoch, so that a gradual schedule (say 3% every 4 steps) lets the model
             recover between small steps.
+        compensate: Output compensation (FLAP's bias compensation): a head pruned by this callback writes its
+            mean output over the training positions ``HeadMetrics`` recorded since its last reset
+            (``output_mean``, ``[L, H, D]``) instead of zero, kept in ``HeadGates.compensation``;
+            ``compaction.compact`` folds it into the output projection's bias. Needs ``HeadMetrics``. A head given
+            back by ``HeadReactivation`` keeps its compensation, unused while it is active, until it is pruned
+            again. With False a head pruned here writes zero (its compensation is cleared).
 
     No decision is taken on a non-finite model: a NaN or infinite weight or gate raises a ``DivergenceError``
     (``callbacks.divergence``), and a decision whose head metrics left out non-finite updates says so in a
@@ -105,6 +111,7 @@ class HeadPruning(L.Callback):
         monitor: str = "val_ppl",
         unit: str = "head",
         interval: str = "epoch",
+        compensate: bool = False,
     ) -> None:
         if interval not in INTERVALS:
             raise ValueError(f"interval={interval!r} is not one of {INTERVALS}.")
@@ -131,6 +138,9 @@ class HeadPruning(L.Callback):
         self.min_active_heads_per_layer = resolve_minimum(unit, scope, min_active_heads_per_layer)
         self.schedule = schedule
         self.interval = interval
+        if not isinstance(compensate, bool):
+            raise ValueError(f"compensate={compensate!r} must be True or False.")
+        self.compensate = compensate
         self.scope = scope
         self.unit = unit
         self.group_size = 1  # G, read from the model at setup
@@ -168,6 +178,10 @@ class HeadPruning(L.Callback):
         if self.strategy_name in METRIC_STRATEGIES and find_callback(trainer, HeadMetrics) is None:
             raise ValueError(
                 f"HeadPruning(strategy={self.strategy_name!r}) needs a HeadMetrics callback in the same Trainer."
+            )
+        if self.compensate and find_callback(trainer, HeadMetrics) is None:
+            raise ValueError(
+                "HeadPruning(compensate=True) needs a HeadMetrics callback (its output_mean) in the same Trainer."
             )
 
     def _reachable(self, target: float) -> int:
@@ -269,7 +283,8 @@ class HeadPruning(L.Callback):
         )
         heads = trainer.strategy.broadcast(heads, src=0)  # one decision for every rank
         if heads:
-            self.prune(trainer, gates, heads, metrics.get("grad_norm"))
+            compensation = metrics.get("output_mean") if self.compensate else None
+            self.prune(trainer, gates, heads, metrics.get("grad_norm"), compensation)
         self._warn_if_short(epoch, target, count, heads)
         if not heads:
             return
@@ -291,12 +306,16 @@ class HeadPruning(L.Callback):
     @staticmethod
     @torch.no_grad()
     def prune(
-        trainer: L.Trainer, gates: HeadGates, heads: list[tuple[int, int]], importance: torch.Tensor | None = None
+        trainer: L.Trainer, gates: HeadGates, heads: list[tuple[int, int]], importance: torch.Tensor | None = None,
+        compensation: torch.Tensor | None = None,
     ) -> None:
         """Prunes ``heads`` and clears their gradient and optimizer state so they stay exactly where they were.
 
         ``importance`` ``[num_layers, num_heads]`` is remembered for the pruned heads (``HeadGates.prune``).
+        ``compensation`` ``[num_layers, num_heads, head_dim]`` (each head's mean output) becomes the newly pruned
+        heads' ``HeadGates.compensation``, zero where it is not finite (warned); None clears theirs.
         """
+        _set_compensation(gates, [pair for pair in heads if gates.active[pair[0], pair[1]]], compensation)
         gates.prune(heads, importance)
         pruned = ~gates.active
         if gates.values.grad is not None:
@@ -313,3 +332,22 @@ class HeadPruning(L.Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.events = [HeadEvent.from_dict(event) for event in state_dict.get("events", [])]
+
+
+def _set_compensation(gates: HeadGates, heads: list[tuple[int, int]], compensation: torch.Tensor | None) -> None:
+    """Sets ``gates.compensation`` of ``heads`` from ``compensation`` ``[L, H, D]`` (zero where it is None or
+    not finite)."""
+    if not heads:
+        return
+    layers, indices = (torch.tensor(index, dtype=torch.long) for index in zip(*heads))
+    if compensation is None:
+        gates.compensation[layers, indices] = 0
+        return
+    chosen = compensation[layers, indices].to(gates.compensation)  # [n, D]
+    finite = torch.isfinite(chosen).all(dim=-1)  # [n]
+    if not finite.all():
+        rank_zero_warn(
+            f"HeadPruning(compensate=True): no finite mean output for {int((~finite).sum())} pruned head(s) (nothing "
+            "recorded since HeadMetrics' last reset?); they write zero instead."
+        )
+    gates.compensation[layers, indices] = torch.where(finite.unsqueeze(-1), chosen, torch.zeros_like(chosen))
