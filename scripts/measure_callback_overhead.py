@@ -6,17 +6,25 @@ entropy-recording (eager) attention instead of the model's fast kernel. This scr
 interleaved pairs, and reports the median of the per-pair ratios. The amortised overhead is
 ``(recorded / plain - 1) / entropy_every_n_steps``. Writes ``pruning_results/callback_overhead.json`` and ``.md``.
 
+With ``--distillation`` it measures instead what ``GatedLanguageModel(distillation=...)`` adds: the same module's
+training step without and with distillation (the teacher's no-grad forward and the KL), in interleaved pairs,
+and the teacher's weight memory; it writes ``distillation_overhead.json`` and ``.md``. Both report the machine's
+load average (``os.getloadavg()``) before and after, since the machine may be shared.
+
     python scripts/measure_callback_overhead.py               # the embedded default, batch 4 x 256
     python scripts/measure_callback_overhead.py --quick       # a tiny model, for the tests
+    python scripts/measure_callback_overhead.py --distillation --repeats 4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,8 +35,8 @@ from sentinel_lightning.attention_entropy import EntropyRecording
 from sentinel_lightning.tiny import tiny_model
 
 
-def measure(module: GatedLanguageModel, batch: torch.Tensor, repeats: int) -> dict[str, list[float]]:
-    """Seconds of ``repeats`` interleaved pairs of a plain and an entropy-recording training step on ``batch``."""
+def training_step(module: GatedLanguageModel, batch: torch.Tensor) -> Callable[[], None]:
+    """One training step of ``module`` on ``batch`` ``[batch, seq]``: forward, backward, AdamW."""
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
     module.train()
 
@@ -39,19 +47,57 @@ def measure(module: GatedLanguageModel, batch: torch.Tensor, repeats: int) -> di
         optimizer.step()
         optimizer.zero_grad()
 
-    def recorded_step() -> None:
-        with EntropyRecording(module.model):
-            step()
+    return step
 
-    step(), recorded_step()  # warm-up
-    times: dict[str, list[float]] = {"step": [], "recorded_step": []}
+
+def time_pairs(pair: tuple[tuple[str, Callable[[], None]], ...], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each of the two named steps in ``repeats`` interleaved pairs (after one warm-up of each)."""
+    for _, run in pair:
+        run()
+    times: dict[str, list[float]] = {name: [] for name, _ in pair}
     for index in track(range(repeats), description="timing"):
-        pair = (("step", step), ("recorded_step", recorded_step))
         for name, run in pair if index % 2 == 0 else pair[::-1]:  # alternate which goes first
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def measure(module: GatedLanguageModel, batch: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Seconds of ``repeats`` interleaved pairs of a plain and an entropy-recording training step on ``batch``."""
+    step = training_step(module, batch)
+
+    def recorded_step() -> None:
+        with EntropyRecording(module.model):
+            step()
+
+    return time_pairs((("step", step), ("recorded_step", recorded_step)), repeats)
+
+
+def measure_distillation(module: GatedLanguageModel, batch: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Seconds of ``repeats`` interleaved pairs of ``module``'s step without and with its distillation.
+
+    Args:
+        module: Built with ``distillation`` > 0 (so it holds its teacher); the plain step sets it to 0 meanwhile.
+        batch: ``[batch, seq]`` token ids.
+        repeats: Number of pairs.
+    """
+    weight = module.hparams.distillation
+    step = training_step(module, batch)
+
+    def plain_step() -> None:
+        module.hparams.distillation = 0.0
+        try:
+            step()
+        finally:
+            module.hparams.distillation = weight
+
+    return time_pairs((("step", plain_step), ("distilled_step", step)), repeats)
+
+
+def load_average() -> list[float]:
+    """The machine's 1, 5 and 15 minute load averages (``os.getloadavg()``)."""
+    return [round(value, 2) for value in os.getloadavg()]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -61,14 +107,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--quick", action="store_true", help="a tiny model and few repeats (for the tests)")
+    parser.add_argument(
+        "--distillation", action="store_true", help="measure distillation's teacher instead of HeadMetrics"
+    )
     parser.add_argument("--output-dir", default="pruning_results")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    distillation = {"distillation": 0.5} if args.distillation else {}
     if args.quick:
-        module, args.repeats, args.block_size = GatedLanguageModel(tiny_model("llama")), 2, 32
+        module, args.repeats, args.block_size = GatedLanguageModel(tiny_model("llama"), **distillation), 2, 32
     else:
-        module = GatedLanguageModel(args.model)
+        module = GatedLanguageModel(args.model, **distillation)
     batch = torch.randint(0, module.model.config.vocab_size, (args.batch_size, args.block_size))
+    if args.distillation:
+        return distillation_main(args, module, batch)
+    load_before = load_average()
     times = measure(module, batch, args.repeats)
     ratios = [recorded / plain for plain, recorded in zip(times["step"], times["recorded_step"])]
     every = HeadMetrics().entropy_every_n_steps
@@ -85,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         "recorded_over_plain_pairs": ratios,
         "entropy_every_n_steps": every,
         "amortised_overhead": (ratio - 1.0) / every,
+        "load_average": {"before": load_before, "after": load_average()},
     }
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -94,6 +148,39 @@ def main(argv: list[str] | None = None) -> dict:
         "| every n steps | amortised overhead |\n|---|---|---|---|---|---|---|\n"
         f"| {result['model']} | {args.batch_size} x {args.block_size} | {result['step_seconds']:.3f} | "
         f"{result['recorded_step_seconds']:.3f} | {ratio:.3f} | {every} | {result['amortised_overhead']:.2%} |\n"
+    )
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def distillation_main(args: argparse.Namespace, module: GatedLanguageModel, batch: torch.Tensor) -> dict:
+    """Times ``module``'s step without and with distillation; writes ``distillation_overhead.json`` and ``.md``."""
+    load_before = load_average()
+    times = measure_distillation(module, batch, args.repeats)
+    ratios = [distilled / plain for plain, distilled in zip(times["step"], times["distilled_step"])]
+    teacher_bytes = sum(p.numel() * p.element_size() for p in module.teacher.parameters())
+    result = {
+        "model": args.model or ("tiny llama" if args.quick else "embedded SmolLM2-135M-Instruct"),
+        "batch": [args.batch_size, args.block_size],
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {torch.get_num_threads()} torch threads",
+        "repeats": args.repeats,
+        "step_seconds": statistics.median(times["step"]),
+        "distilled_step_seconds": statistics.median(times["distilled_step"]),
+        "distilled_over_plain": statistics.median(ratios),
+        "distilled_over_plain_pairs": ratios,
+        "teacher_parameters": sum(p.numel() for p in module.teacher.parameters()),
+        "teacher_megabytes": teacher_bytes / 1e6,
+        "load_average": {"before": load_before, "after": load_average()},
+    }
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "distillation_overhead.json").write_text(json.dumps(result, indent=2))
+    (output / "distillation_overhead.md").write_text(
+        "| model | batch | plain step (s) | distilled step (s) | distilled / plain (median of pairs) "
+        "| teacher weights (MB) | load average (1 min, before / after) |\n|---|---|---|---|---|---|---|\n"
+        f"| {result['model']} | {args.batch_size} x {args.block_size} | {result['step_seconds']:.3f} | "
+        f"{result['distilled_step_seconds']:.3f} | {result['distilled_over_plain']:.3f} | "
+        f"{result['teacher_megabytes']:.0f} | {load_before[0]:.2f} / {result['load_average']['after'][0]:.2f} |\n"
     )
     print(json.dumps(result, indent=2))
     return result

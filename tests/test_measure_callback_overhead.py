@@ -16,3 +16,17 @@ def test_overhead_script_writes_its_measurements(tmp_path):
     assert saved["recorded_over_plain"] == statistics.median(saved["recorded_over_plain_pairs"])
     assert saved["amortised_overhead"] == (saved["recorded_over_plain"] - 1) / saved["entropy_every_n_steps"]
     assert "| tiny llama | 4 x 32 |" in (tmp_path / "callback_overhead.md").read_text()
+
+
+def test_overhead_script_measures_the_distillation_teacher(tmp_path):
+    spec = importlib.util.spec_from_file_location("measure_callback_overhead", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.main(["--quick", "--distillation", "--output-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "distillation_overhead.json").read_text())
+    assert saved == result and saved["step_seconds"] > 0 and saved["distilled_step_seconds"] > 0
+    assert saved["distilled_over_plain"] == statistics.median(saved["distilled_over_plain_pairs"])
+    assert saved["teacher_megabytes"] == saved["teacher_parameters"] * 4 / 1e6  # fp32 weights
+    assert len(saved["load_average"]["before"]) == len(saved["load_average"]["after"]) == 3
+    assert "| tiny llama | 4 x 32 |" in (tmp_path / "distillation_overhead.md").read_text()
+    assert not (tmp_path / "callback_overhead.json").exists()
