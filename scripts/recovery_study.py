@@ -9,6 +9,7 @@ its ratio to the dense fine-tune) to ``--output-dir``.
 
     python scripts/recovery_study.py                                  # the embedded default: about 7 min a run
     python scripts/recovery_study.py --targets 0.3 --variants plain both
+    python scripts/recovery_study.py --targets 0.5 --reuse-dense pruning_results/recovery.json --output-dir more/
     python scripts/recovery_study.py --quick                          # a tiny model, for the tests
 """
 
@@ -35,8 +36,12 @@ VARIANTS = {
 }
 HOLD_TARGET = ["--reactivation.tolerance=1000000"]  # no reactivation: every run ends at its target
 QUICK_SETTINGS = [
-    "--data.block_size=32", "--data.cache=false", "--model.learning_rate=0.001", "--trainer.limit_train_batches=3",
-    "--trainer.limit_val_batches=2", "--trainer.max_epochs=3",
+    "--data.block_size=32",
+    "--data.cache=false",
+    "--model.learning_rate=0.001",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=2",
+    "--trainer.max_epochs=3",
 ]
 
 
@@ -46,13 +51,16 @@ def schedule_for(target: float) -> str:
     return json.dumps(steps)
 
 
-def runs(targets: list[float], variants: list[str]) -> dict[str, list[str]]:
-    """Each run's name and its ``fit`` options (besides the common ones)."""
-    planned = {"dense": ["--pruning.schedule={}"]}
+def runs(targets: list[float], variants: list[str], dense: bool = True) -> dict[str, list[str]]:
+    """Each run's name and its ``fit`` options (besides the common ones); the dense run first when ``dense``."""
+    planned = {"dense": ["--pruning.schedule={}"]} if dense else {}
     for target in targets:
         for variant in variants:
-            planned[f"{variant} {target:.0%}"] = [f"--pruning.schedule={schedule_for(target)}", *HOLD_TARGET,
-                                                  *VARIANTS[variant]]
+            planned[f"{variant} {target:.0%}"] = [
+                f"--pruning.schedule={schedule_for(target)}",
+                *HOLD_TARGET,
+                *VARIANTS[variant],
+            ]
     return planned
 
 
@@ -91,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--targets", nargs="+", type=float, default=[0.3, 0.5], help="fractions of heads pruned")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--output-dir", default="pruning_results")
+    parser.add_argument("--reuse-dense", help="recovery.json of an earlier run of this study: take its dense run")
     parser.add_argument("--quick", action="store_true", help="a tiny random model in short blocks (for the tests)")
     args = parser.parse_args(argv)
     for target in args.targets:
@@ -101,11 +110,17 @@ def main(argv: list[str] | None = None) -> dict:
     common = ["--trainer.enable_progress_bar=false"]
     if args.quick:
         common += [*QUICK_SETTINGS, f"--model.model={save_tiny_model(str(output / 'quick_model'))}"]
+    reused = (
+        {} if args.reuse_dense is None else {"dense": json.loads(Path(args.reuse_dense).read_text())["runs"]["dense"]}
+    )
+    planned = runs(args.targets, args.variants, dense=not reused)
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
         "targets": args.targets,
-        "runs": {name: run_one(name, options, common, str(output / "runs"))
-                 for name, options in runs(args.targets, args.variants).items()},
+        "runs": {
+            **reused,
+            **{name: run_one(name, options, common, str(output / "runs")) for name, options in planned.items()},
+        },
     }
     command = "python scripts/recovery_study.py " + " ".join(argv if argv is not None else [])
     (output / "recovery.json").write_text(json.dumps(results, indent=2))
