@@ -17,6 +17,7 @@ from sentinel_lightning.saving import load_pruned, save_pruned
 from sentinel_lightning.strategies import STRATEGIES, select_heads
 
 __all__ = [
+    "STRATEGIES",
     "DivergenceError",
     "DivergenceGuard",
     "GateMonitor",
@@ -27,7 +28,6 @@ __all__ = [
     "HeadPruning",
     "HeadReactivation",
     "LanguageModelingDataModule",
-    "STRATEGIES",
     "attach_gates",
     "compact",
     "find_gates",

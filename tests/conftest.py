@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from sentinel_lightning.tiny import TINY_VOCAB, tiny_config, tiny_model  # noqa: F401 (used by the tests)
 
 VOCAB = TINY_VOCAB
@@ -37,7 +38,9 @@ def tiny_data(block_size: int = 32, batch_size: int = 4):
     """The embedded corpus with the byte-level tokenizer, in short blocks."""
     from sentinel_lightning.data import LanguageModelingDataModule
 
-    return LanguageModelingDataModule(tokenizer=byte_tokenizer(), block_size=block_size, batch_size=batch_size, cache=False)
+    return LanguageModelingDataModule(
+        tokenizer=byte_tokenizer(), block_size=block_size, batch_size=batch_size, cache=False
+    )
 
 
 def tiny_trainer(**kwargs):
@@ -45,8 +48,15 @@ def tiny_trainer(**kwargs):
     import lightning as L
 
     defaults = dict(
-        accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=4, limit_val_batches=2,
-        enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
         num_sanity_val_steps=0,
     )
     return L.Trainer(**{**defaults, **kwargs})

@@ -37,7 +37,9 @@ def test_text_files_and_cache(tmp_path, tokenizer):
     train.write_text("\n\n".join(f"paragraph {i} " + "word " * 30 for i in range(40)))
     val = tmp_path / "val.txt"
     val.write_text("validation text " * 40)
-    kwargs = dict(tokenizer=tokenizer, source="text", train_files=[str(train)], block_size=32, cache_dir=str(tmp_path / "cache"))
+    kwargs = dict(
+        tokenizer=tokenizer, source="text", train_files=[str(train)], block_size=32, cache_dir=str(tmp_path / "cache")
+    )
     data = LanguageModelingDataModule(val_files=[str(val)], **kwargs)
     data.setup()
     assert len(data.blocks["validation"]) == len("validation text " * 40) // 32
@@ -55,17 +57,21 @@ def test_clear_errors_for_bad_input(tmp_path, tokenizer):
         LanguageModelingDataModule(tokenizer=tokenizer, source="wiki")
     with pytest.raises(ValueError, match="needs train_files"):
         LanguageModelingDataModule(tokenizer=tokenizer, source="text")
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
         LanguageModelingDataModule(tokenizer=tokenizer, source="text", train_files=[str(tmp_path / "missing.txt")])
     with pytest.raises(ValueError, match="block_size=0"):
         LanguageModelingDataModule(tokenizer=tokenizer, block_size=0)
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    data = LanguageModelingDataModule(tokenizer=tokenizer, source="text", train_files=[str(short)], val_files=[str(short)], block_size=64, cache=False)
+    data = LanguageModelingDataModule(
+        tokenizer=tokenizer, source="text", train_files=[str(short)], val_files=[str(short)], block_size=64, cache=False
+    )
     with pytest.raises(ValueError, match=r"train split .* has 9 tokens, fewer than one block of block_size=64"):
         data.setup()
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    data = LanguageModelingDataModule(tokenizer=tokenizer, source="text", train_files=[str(empty)], val_files=[str(short)], cache=False)
+    data = LanguageModelingDataModule(
+        tokenizer=tokenizer, source="text", train_files=[str(empty)], val_files=[str(short)], cache=False
+    )
     with pytest.raises(ValueError, match="has 0 tokens"):
         data.setup()

@@ -24,8 +24,14 @@ class RankRecorder(L.Callback):
         gates = find_gates(pl_module)
         events = [event.to_dict() for event in trainer.callbacks[1].events]
         torch.save(
-            {"active": gates.active, "values": gates.values.detach(), "batches": self.batches, "local": local,
-             "reduced": reduced, "events": events},
+            {
+                "active": gates.active,
+                "values": gates.values.detach(),
+                "batches": self.batches,
+                "local": local,
+                "reduced": reduced,
+                "events": events,
+            },
             f"{self.folder}/rank{trainer.global_rank}.pt",
         )
 
@@ -50,5 +56,7 @@ def test_two_processes_share_metrics_and_decisions(tmp_path):
     assert torch.equal(rank0["active"], rank1["active"]) and int(rank0["active"].sum()) == 4
     assert torch.equal(rank0["values"], rank1["values"])
     assert rank0["events"] == rank1["events"] and len(rank0["events"]) == 2
-    expected = (rank0["local"]["total"] + rank1["local"]["total"]) / (rank0["local"]["weight"] + rank1["local"]["weight"])
+    expected = (rank0["local"]["total"] + rank1["local"]["total"]) / (
+        rank0["local"]["weight"] + rank1["local"]["weight"]
+    )
     assert torch.allclose(rank0["reduced"], expected.float()) and torch.equal(rank0["reduced"], rank1["reduced"])

@@ -68,7 +68,9 @@ def test_perplexity_is_exp_of_the_token_weighted_loss_without_padding():
 def test_inference_speed_generates_exactly_num_tokens_even_when_eos_is_likely():
     model = tiny_model("llama")
     # Make end-of-sequence the greedy choice everywhere: generation would stop after one token if allowed.
-    model.lm_head.register_forward_hook(lambda module, args, output: output + 100.0 * (torch.arange(output.shape[-1]) == EOS))
+    model.lm_head.register_forward_hook(
+        lambda module, args, output: output + 100.0 * (torch.arange(output.shape[-1]) == EOS)
+    )
     lengths = []
     generate = model.generate
 
@@ -104,8 +106,15 @@ def test_evaluate_a_checkpoint_before_and_after_pruning(tmp_path, capsys):
     byte_tokenizer().save_pretrained(tokenizer_dir)
 
     results = evaluate(
-        ckpt_path=checkpoint, tokenizer=tokenizer_dir, prompt="def f(x):", num_tokens=5, num_runs=1,
-        block_size=32, batch_size=4, max_batches=2, cache=False,
+        ckpt_path=checkpoint,
+        tokenizer=tokenizer_dir,
+        prompt="def f(x):",
+        num_tokens=5,
+        num_runs=1,
+        block_size=32,
+        batch_size=4,
+        max_batches=2,
+        cache=False,
     )
     assert list(results) == ["before", "after"]
     assert results["before"]["active_heads"] == 8 and results["after"]["active_heads"] == 6
@@ -124,7 +133,13 @@ def test_evaluate_a_plain_model_has_one_column(tmp_path):
     byte_tokenizer().save_pretrained(folder)
     output = tmp_path / "results.json"
     results = evaluate(
-        model=folder, num_tokens=4, num_runs=1, block_size=32, max_batches=1, cache=False, print_table=False,
+        model=folder,
+        num_tokens=4,
+        num_runs=1,
+        block_size=32,
+        max_batches=1,
+        cache=False,
+        print_table=False,
         output_file=str(output),
     )
     assert list(results) == ["model"]

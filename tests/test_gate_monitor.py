@@ -11,8 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from sentinel_lightning import GatedLanguageModel
 from sentinel_lightning.callbacks.gate_monitor import GateMonitor
-from sentinel_lightning.heatmaps import render_heatmap
 from sentinel_lightning.events import HeadEvent, notify_head_event
+from sentinel_lightning.heatmaps import render_heatmap
 
 
 class PruneAfterTraining(L.Callback):
@@ -21,8 +21,13 @@ class PruneAfterTraining(L.Callback):
     def on_train_end(self, trainer, pl_module):
         pl_module.gates.prune([(0, 1), (1, 3)])
         event = HeadEvent(
-            "prune", trainer.current_epoch, trainer.global_step, [(0, 1), (1, 3)], "test pruning",
-            value=12.5, sparsity=pl_module.gates.sparsity,
+            "prune",
+            trainer.current_epoch,
+            trainer.global_step,
+            [(0, 1), (1, 3)],
+            "test pruning",
+            value=12.5,
+            sparsity=pl_module.gates.sparsity,
         )
         notify_head_event(trainer, pl_module, event)
 
@@ -43,7 +48,10 @@ def tensorboard_run(tmp_path_factory):
     module = GatedLanguageModel(tiny_model("llama"), learning_rate=1e-3)
     logger = TensorBoardLogger(str(tmp_path_factory.mktemp("tb")), name="run")
     trainer = tiny_trainer(
-        logger=logger, limit_train_batches=4, limit_val_batches=0, log_every_n_steps=1,
+        logger=logger,
+        limit_train_batches=4,
+        limit_val_batches=0,
+        log_every_n_steps=1,
         callbacks=[HeadMetrics(entropy_every_n_steps=1), GateMonitor(log_every_n_steps=2), PruneAfterTraining()],
     )
     trainer.fit(module, tiny_data())
@@ -51,7 +59,7 @@ def tensorboard_run(tmp_path_factory):
 
 
 def test_tensorboard_gets_images_histogram_and_scalars(tensorboard_run):
-    events, module = tensorboard_run
+    events, _ = tensorboard_run
     tags = events.Tags()
     assert {"gates/heatmap", "head_metrics/entropy", "head_metrics/grad_norm"} <= set(tags["images"])
     assert "gates/histogram" in tags["histograms"]
@@ -80,7 +88,9 @@ def test_csv_logger_gets_scalars_and_no_logger_does_nothing(tmp_path):
     module = GatedLanguageModel(tiny_model("gpt2"))
     logger = CSVLogger(str(tmp_path), name="csv")
     monitor = GateMonitor(log_every_n_steps=1)
-    trainer = tiny_trainer(logger=logger, limit_train_batches=2, limit_val_batches=0, callbacks=[monitor, PruneAfterTraining()])
+    trainer = tiny_trainer(
+        logger=logger, limit_train_batches=2, limit_val_batches=0, callbacks=[monitor, PruneAfterTraining()]
+    )
     trainer.fit(module, tiny_data())
     with open(os.path.join(logger.log_dir, "metrics.csv")) as file:
         rows = list(csv.DictReader(file))
@@ -88,7 +98,9 @@ def test_csv_logger_gets_scalars_and_no_logger_does_nothing(tmp_path):
     assert fractions[0] == 1.0 and fractions[-1] == pytest.approx(6 / 8)
 
     quiet = GatedLanguageModel(tiny_model("gpt2"))
-    trainer = tiny_trainer(logger=False, limit_train_batches=2, limit_val_batches=0, callbacks=[GateMonitor(1), PruneAfterTraining()])
+    trainer = tiny_trainer(
+        logger=False, limit_train_batches=2, limit_val_batches=0, callbacks=[GateMonitor(1), PruneAfterTraining()]
+    )
     trainer.fit(quiet, tiny_data())
     assert quiet.gates.num_active == 6
 

@@ -110,7 +110,7 @@ def test_attach_is_idempotent_and_detach_restores(tokens):
 def test_unsupported_model_names_class_and_families():
     with pytest.raises(ValueError, match=r"Unsupported model Linear.*gpt2.*llama"):
         attach_gates(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="no HeadGates and no transformers.PreTrainedModel"):
+    with pytest.raises(ValueError, match=r"no HeadGates and no transformers\.PreTrainedModel"):
         find_or_attach_gates(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 

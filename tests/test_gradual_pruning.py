@@ -22,7 +22,9 @@ def test_step_schedule_prunes_inside_the_epoch_at_its_steps():
     module = GatedLanguageModel(tiny_model("llama"), learning_rate=1e-3)
     pruning = HeadPruning("gradient", schedule={2: 0.25, 4: 0.5}, interval="step")
     probe = ActiveEveryStep()
-    tiny_trainer(max_epochs=2, limit_train_batches=3, callbacks=[HeadMetrics(), pruning, probe]).fit(module, tiny_data())
+    tiny_trainer(max_epochs=2, limit_train_batches=3, callbacks=[HeadMetrics(), pruning, probe]).fit(
+        module, tiny_data()
+    )
     assert probe.active == [(1, 8), (2, 6), (3, 6), (4, 4), (5, 4), (6, 4)]
     assert [(event.epoch, event.step, len(event.heads)) for event in pruning.events] == [(0, 2, 2), (1, 4, 2)]
     assert "at step 2" in pruning.events[0].reason

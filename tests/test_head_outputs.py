@@ -33,7 +33,9 @@ def test_output_sums_are_what_the_heads_write_before_their_gates(tokens):
     with torch.no_grad():
         gates.values[0, 1] = 0.25  # the recording sees the head's output, not the gated one
     seen = []
-    handle = output_projections(model)[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]), prepend=True)
+    handle = output_projections(model)[0].register_forward_pre_hook(
+        lambda module, args: seen.append(args[0]), prepend=True
+    )
     with torch.no_grad(), HeadOutputRecording(model) as recording:
         model(tokens)
     handle.remove()

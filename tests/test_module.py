@@ -3,8 +3,8 @@ import math
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 from conftest import tiny_data, tiny_model, tiny_trainer
+from torch.utils.data import DataLoader
 
 from sentinel_lightning import GatedLanguageModel
 from sentinel_lightning.metrics import causal_lm_token_losses

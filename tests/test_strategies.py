@@ -206,7 +206,9 @@ def test_gradient_prefers_per_example_importance_and_can_normalise_per_layer():
     example = torch.tensor([[0.5, 0.1], [3.0, 4.0]])
     assert torch.equal(STRATEGIES["gradient"](0)({"grad_norm": grad_norm}), -grad_norm)
     assert torch.equal(STRATEGIES["gradient"](0)({"grad_norm": grad_norm, "example_importance": example}), -example)
-    assert torch.equal(STRATEGIES["gradient_batch"](0)({"grad_norm": grad_norm, "example_importance": example}), -grad_norm)
+    assert torch.equal(
+        STRATEGIES["gradient_batch"](0)({"grad_norm": grad_norm, "example_importance": example}), -grad_norm
+    )
     normalised = STRATEGIES["gradient_layer_norm"](0)({"grad_norm": grad_norm, "example_importance": example})
     assert torch.allclose(normalised, -example / example.norm(dim=1, keepdim=True))
 
