@@ -107,19 +107,37 @@ class HeadGates(nn.Module):
         return heads
 
     @torch.no_grad()
-    def prune(self, heads: Iterable[tuple[int, int]], importance: torch.Tensor | None = None) -> None:
+    def prune(
+        self,
+        heads: Iterable[tuple[int, int]],
+        importance: torch.Tensor | None = None,
+        compensation: torch.Tensor | None = None,
+    ) -> int:
         """Sets the gates of ``heads`` (``(layer, head)`` pairs) to exactly 0, remembering their values.
 
         Args:
             heads: The heads to prune; already pruned ones are left as they are.
-            importance: ``[num_layers, num_heads]`` importance to remember for the pruned heads, or None.
+            importance: ``[num_layers, num_heads]`` importance to remember for the newly pruned heads, or None.
+            compensation: ``[num_layers, num_heads, head_dim]``: what each newly pruned head writes instead of its
+                output (its mean output: output compensation); a head whose entry is not finite writes zero.
+                None: newly pruned heads write zero.
+
+        Returns:
+            The number of newly pruned heads whose compensation was not finite (and is zero instead).
         """
+        missing = 0
         for layer, head in self._check_heads(heads, "heads"):
-            if self.active[layer, head]:
-                self.values_before_pruning[layer, head] = self.values[layer, head]
-                self.active[layer, head] = False
-                if importance is not None:
-                    self.importance_at_pruning[layer, head] = importance[layer, head]
+            if not self.active[layer, head]:
+                continue
+            self.values_before_pruning[layer, head] = self.values[layer, head]
+            self.active[layer, head] = False
+            if importance is not None:
+                self.importance_at_pruning[layer, head] = importance[layer, head]
+            constant = None if compensation is None else compensation[layer, head].to(self.compensation)  # [D]
+            finite = constant is not None and bool(torch.isfinite(constant).all())
+            missing += compensation is not None and not finite
+            self.compensation[layer, head] = constant if finite else 0.0
+        return missing
 
     @torch.no_grad()
     def reactivate(self, heads: Iterable[tuple[int, int]]) -> None:

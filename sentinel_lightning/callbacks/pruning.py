@@ -315,8 +315,12 @@ class HeadPruning(L.Callback):
         ``compensation`` ``[num_layers, num_heads, head_dim]`` (each head's mean output) becomes the newly pruned
         heads' ``HeadGates.compensation``, zero where it is not finite (warned); None clears theirs.
         """
-        _set_compensation(gates, [pair for pair in heads if gates.active[pair[0], pair[1]]], compensation)
-        gates.prune(heads, importance)
+        missing = gates.prune(heads, importance, compensation)
+        if missing:
+            rank_zero_warn(
+                f"HeadPruning(compensate=True): no finite mean output for {missing} pruned head(s) (nothing recorded "
+                "since HeadMetrics' last reset?); they write zero instead."
+            )
         pruned = ~gates.active
         if gates.values.grad is not None:
             gates.values.grad[pruned] = 0
@@ -333,21 +337,3 @@ class HeadPruning(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.events = [HeadEvent.from_dict(event) for event in state_dict.get("events", [])]
 
-
-def _set_compensation(gates: HeadGates, heads: list[tuple[int, int]], compensation: torch.Tensor | None) -> None:
-    """Sets ``gates.compensation`` of ``heads`` from ``compensation`` ``[L, H, D]`` (zero where it is None or
-    not finite)."""
-    if not heads:
-        return
-    layers, indices = (torch.tensor(index, dtype=torch.long) for index in zip(*heads))
-    if compensation is None:
-        gates.compensation[layers, indices] = 0
-        return
-    chosen = compensation[layers, indices].to(gates.compensation)  # [n, D]
-    finite = torch.isfinite(chosen).all(dim=-1)  # [n]
-    if not finite.all():
-        rank_zero_warn(
-            f"HeadPruning(compensate=True): no finite mean output for {int((~finite).sum())} pruned head(s) (nothing "
-            "recorded since HeadMetrics' last reset?); they write zero instead."
-        )
-    gates.compensation[layers, indices] = torch.where(finite.unsqueeze(-1), chosen, torch.zeros_like(chosen))
