@@ -35,13 +35,14 @@ from sentinel_lightning.evaluation import evaluate_model
 from sentinel_lightning.gates import HeadGates, attach_gates, find_gates
 from sentinel_lightning.metrics import measure_head_metrics
 from sentinel_lightning.pretrained import byte_level_tokenizer
-from sentinel_lightning.strategies import resolve_strategy, select_heads
+from sentinel_lightning.strategies import STRATEGIES, resolve_strategy, select_heads
 from sentinel_lightning.tiny import tiny_model
 
 DEFAULT_LEVELS = [round(0.1 * index, 1) for index in range(10)]
 QUICK_LEVELS = [0.0, 0.25, 0.5]
 DEFAULT_PROMPT = "In Python, a function definition"
-STRATEGY_NAMES = ("entropy", "gradient", "random")
+STRATEGY_NAMES = tuple(STRATEGIES)
+COMPENSATED = "+compensation"  # suffix of a run whose pruned heads write their mean output instead of zero
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="A tiny random Llama and a byte-level tokenizer, 3 levels, 2 seeds: seconds.",
     )
     add("--strategies", nargs="+", default=list(STRATEGY_NAMES), choices=STRATEGY_NAMES)
+    add(
+        "--compensate",
+        nargs="*",
+        default=[],
+        choices=STRATEGY_NAMES,
+        help="Strategies also measured with output compensation (pruned heads write their mean output).",
+    )
     add(
         "--seeds",
         nargs="+",
@@ -197,11 +205,16 @@ def measure(model, tokenizer, validation, args) -> dict:
     )
 
 
-def prune_to(gates: HeadGates, scores: torch.Tensor, count: int, min_active: int) -> list[tuple[int, int]]:
-    """Resets ``gates`` to dense, then prunes the ``count`` top-scored heads (global scope)."""
+def prune_to(
+    gates: HeadGates, scores: torch.Tensor, count: int, min_active: int, compensation: torch.Tensor | None = None
+) -> list[tuple[int, int]]:
+    """Resets ``gates`` to dense, then prunes the ``count`` top-scored heads (global scope).
+
+    ``compensation`` ``[L, H, D]`` (the heads' mean outputs) is what pruned heads write instead of zero, or None.
+    """
     gates.reactivate(gates.pruned_heads())
     heads = select_heads(scores, gates.active, count, scope="global", min_active_heads_per_layer=min_active)
-    gates.prune(heads)
+    gates.prune(heads, compensation=compensation)
     return heads
 
 
@@ -221,11 +234,15 @@ def calibration_and_validation(
 
 
 def strategy_runs(args: argparse.Namespace) -> list[tuple[str, int | None]]:
-    """``(strategy, seed)`` pairs: one per deterministic strategy, one per seed of the random one."""
-    runs = [(name, None) for name in args.strategies if name != "random"]
-    if "random" in args.strategies:
-        runs += [("random", seed) for seed in args.seeds]
-    return runs
+    """``(run name, seed)`` pairs: one per deterministic strategy, one per seed of the random one, and the same
+    again for the strategies measured with compensation (named ``strategy+compensation``)."""
+    names = [*args.strategies, *(name + COMPENSATED for name in args.compensate)]
+    return [(name, seed) for name in names for seed in (args.seeds if name.startswith("random") else [None])]
+
+
+def run_names(args: argparse.Namespace) -> list[str]:
+    """The run names in the tables: the strategies, then the compensated ones."""
+    return [*args.strategies, *(name + COMPENSATED for name in args.compensate)]
 
 
 def progress_bar(console):
@@ -264,9 +281,11 @@ def compare(
         for name, seed in strategy_runs(args):
             label = name if seed is None else f"{name} (seed {seed})"
             progress.update(task, description=f"{label} at {level:.0%}")
-            scores = resolve_strategy(name, 0 if seed is None else seed)(metrics)
-            heads = prune_to(gates, scores, round(level * total_heads), args.min_active_heads_per_layer)
-            key = frozenset(heads)
+            strategy = name.removesuffix(COMPENSATED)
+            compensation = metrics["output_mean"] if name.endswith(COMPENSATED) else None
+            scores = resolve_strategy(strategy, 0 if seed is None else seed)(metrics)
+            heads = prune_to(gates, scores, round(level * total_heads), args.min_active_heads_per_layer, compensation)
+            key = (frozenset(heads), compensation is not None)
             if key not in measured:
                 evaluated = model
                 if args.recovery_steps:
@@ -310,7 +329,7 @@ def describe(args: argparse.Namespace, gates: HeadGates, calibration: list, vali
         "generation_threads": args.generation_threads,
         "recovery_steps": args.recovery_steps,
         "min_active_heads_per_layer": args.min_active_heads_per_layer,
-        "strategies": args.strategies,
+        "strategies": run_names(args),
         "seeds": args.seeds,
         "levels": args.levels,
         "machine": {
@@ -384,7 +403,8 @@ def plot(results: dict, path: str) -> None:
     percent = [100 * level for level in levels]
     figure = Figure(figsize=(13, 5), dpi=120, layout="constrained")
     perplexity_axes, speed_axes = figure.subplots(1, 2)
-    colours = {"entropy": "tab:red", "gradient": "tab:blue", "random": "tab:gray"}
+    palette = iter(matplotlib.colormaps["tab10"].colors)
+    colours = {name: "tab:gray" if name == "random" else next(palette) for name in summary}
     for name, per_level in summary.items():
         for axes, quantity in ((perplexity_axes, "perplexity"), (speed_axes, "tokens_per_second")):
             median = [per_level[level][quantity]["median"] for level in levels]

@@ -23,7 +23,7 @@ def load_script():
 def test_quick_comparison_writes_every_strategy_and_level(tmp_path):
     script = load_script()
     output = tmp_path / "out"
-    results = script.main(["--quick", "--output-dir", str(output)])
+    results = script.main(["--quick", "--strategies", "entropy", "gradient", "random", "--output-dir", str(output)])
 
     assert (output / "pruning_strategy_comparison.png").stat().st_size > 10_000
     with open(output / "results.json") as file:
@@ -94,3 +94,17 @@ def test_the_script_is_thin_over_the_package():
 
     reference = tiny_model("llama", seed=0)
     assert all(torch.equal(value, model.state_dict()[name]) for name, value in reference.state_dict().items())
+
+
+def test_compensated_runs_prune_the_same_heads_and_write_their_mean_outputs(tmp_path):
+    results = load_script().main([
+        "--quick", "--strategies", "gradient", "attention_sink", "--compensate", "gradient", "--seeds", "0",
+        "--output-dir", str(tmp_path),
+    ])
+    assert results["strategies"] == ["gradient", "attention_sink", "gradient+compensation"]
+    by_run = {(row["strategy"], row["level"]): row for row in results["results"]}
+    for level in (0.25, 0.5):
+        plain, compensated = by_run[("gradient", level)], by_run[("gradient+compensation", level)]
+        assert plain["pruned"] == compensated["pruned"] and plain["perplexity"] != compensated["perplexity"]
+    assert by_run[("gradient", 0.0)]["perplexity"] == by_run[("gradient+compensation", 0.0)]["perplexity"]
+    assert "gradient+compensation" in (tmp_path / "results.md").read_text()
