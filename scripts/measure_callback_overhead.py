@@ -1,10 +1,12 @@
-"""Measures what ``HeadMetrics`` adds to a training step: the entropy-recording step and the gate-gradient read.
+"""Measures what ``HeadMetrics`` adds to a training step: the recordings it keeps open around the module's own step.
 
-On one batch in ``entropy_every_n_steps`` ``HeadMetrics`` lets the module's own training step run with the
-entropy-recording (eager) attention instead of the model's fast kernel. This script times a plain training step
-(forward, backward, AdamW) of the gated model against the same step while an ``EntropyRecording`` is open, in
-interleaved pairs, and reports the median of the per-pair ratios. The amortised overhead is
-``(recorded / plain - 1) / entropy_every_n_steps``. Writes ``pruning_results/callback_overhead.json`` and ``.md``.
+On every step ``HeadMetrics`` keeps a ``HeadOutputRecording`` open (each head's mean output and per-example gate
+gradients); on one batch in ``entropy_every_n_steps`` the step also runs with the entropy-recording (eager)
+attention instead of the model's fast kernel (``EntropyRecording``). This script times a plain training step
+(forward, backward, AdamW) of the gated model, the same step with the output recording, and with both, in
+interleaved rounds (the order alternates), and reports the medians of the per-round ratios to the plain step. The
+amortised overhead is ``(every - 1) + (entropy - every) / entropy_every_n_steps``, ``every`` and ``entropy`` the
+two ratios. Writes ``pruning_results/callback_overhead.json`` and ``.md``.
 
 With ``--distillation`` it measures instead what ``GatedLanguageModel(distillation=...)`` adds: the same module's
 training step without and with distillation (the teacher's no-grad forward and the KL), in interleaved pairs,
@@ -32,6 +34,7 @@ from rich.progress import track
 
 from sentinel_lightning import GatedLanguageModel, HeadMetrics
 from sentinel_lightning.attention_entropy import EntropyRecording
+from sentinel_lightning.head_outputs import HeadOutputRecording
 from sentinel_lightning.tiny import tiny_model
 
 
@@ -51,7 +54,7 @@ def training_step(module: GatedLanguageModel, batch: torch.Tensor) -> Callable[[
 
 
 def time_pairs(pair: tuple[tuple[str, Callable[[], None]], ...], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each of the two named steps in ``repeats`` interleaved pairs (after one warm-up of each)."""
+    """Seconds of each named step in ``repeats`` interleaved rounds (after one warm-up of each)."""
     for _, run in pair:
         run()
     times: dict[str, list[float]] = {name: [] for name, _ in pair}
@@ -64,14 +67,24 @@ def time_pairs(pair: tuple[tuple[str, Callable[[], None]], ...], repeats: int) -
 
 
 def measure(module: GatedLanguageModel, batch: torch.Tensor, repeats: int) -> dict[str, list[float]]:
-    """Seconds of ``repeats`` interleaved pairs of a plain and an entropy-recording training step on ``batch``."""
+    """Seconds of ``repeats`` interleaved rounds of a plain step, a step with the output recording (every step of
+    ``HeadMetrics``) and one with the entropy recording too (its sampled steps), on ``batch``."""
     step = training_step(module, batch)
 
     def recorded_step() -> None:
-        with EntropyRecording(module.model):
+        with HeadOutputRecording(module.model):
             step()
 
-    return time_pairs((("step", step), ("recorded_step", recorded_step)), repeats)
+    def entropy_step() -> None:
+        with HeadOutputRecording(module.model), EntropyRecording(module.model):
+            step()
+
+    return time_pairs((("step", step), ("recorded_step", recorded_step), ("entropy_step", entropy_step)), repeats)
+
+
+def ratios_to_plain(times: dict[str, list[float]], name: str) -> list[float]:
+    """The ratio of step ``name`` to the plain step within each round."""
+    return [other / plain for plain, other in zip(times["step"], times[name])]
 
 
 def measure_distillation(module: GatedLanguageModel, batch: torch.Tensor, repeats: int) -> dict[str, list[float]]:
@@ -123,9 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
         return distillation_main(args, module, batch)
     load_before = load_average()
     times = measure(module, batch, args.repeats)
-    ratios = [recorded / plain for plain, recorded in zip(times["step"], times["recorded_step"])]
+    every_step, entropy_step = (
+        statistics.median(ratios_to_plain(times, name)) for name in ("recorded_step", "entropy_step")
+    )
     every = HeadMetrics().entropy_every_n_steps
-    ratio = statistics.median(ratios)
     result = {
         "model": args.model or ("tiny llama" if args.quick else "embedded SmolLM2-135M-Instruct"),
         "batch": [args.batch_size, args.block_size],
@@ -134,20 +148,24 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "step_seconds": statistics.median(times["step"]),
         "recorded_step_seconds": statistics.median(times["recorded_step"]),
-        "recorded_over_plain": ratio,
-        "recorded_over_plain_pairs": ratios,
+        "entropy_step_seconds": statistics.median(times["entropy_step"]),
+        "recorded_over_plain": every_step,
+        "recorded_over_plain_rounds": ratios_to_plain(times, "recorded_step"),
+        "entropy_over_plain": entropy_step,
+        "entropy_over_plain_rounds": ratios_to_plain(times, "entropy_step"),
         "entropy_every_n_steps": every,
-        "amortised_overhead": (ratio - 1.0) / every,
+        "amortised_overhead": (every_step - 1.0) + (entropy_step - every_step) / every,
         "load_average": {"before": load_before, "after": load_average()},
     }
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "callback_overhead.json").write_text(json.dumps(result, indent=2))
     (output / "callback_overhead.md").write_text(
-        "| model | batch | plain step (s) | recording step (s) | recording / plain (median of pairs) "
-        "| every n steps | amortised overhead |\n|---|---|---|---|---|---|---|\n"
+        "| model | batch | plain step (s) | every step / plain | entropy step / plain | entropy every n steps "
+        "| amortised overhead | load average (1 min, before / after) |\n|---|---|---|---|---|---|---|---|\n"
         f"| {result['model']} | {args.batch_size} x {args.block_size} | {result['step_seconds']:.3f} | "
-        f"{result['recorded_step_seconds']:.3f} | {ratio:.3f} | {every} | {result['amortised_overhead']:.2%} |\n"
+        f"{every_step:.3f} | {entropy_step:.3f} | {every} | {result['amortised_overhead']:.2%} | "
+        f"{load_before[0]:.2f} / {result['load_average']['after'][0]:.2f} |\n"
     )
     print(json.dumps(result, indent=2))
     return result
