@@ -157,16 +157,24 @@ def main(argv: list[str] | None = None) -> dict:
         "amortised_overhead": (every_step - 1.0) + (entropy_step - every_step) / every,
         "load_average": {"before": load_before, "after": load_average()},
     }
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "callback_overhead.json").write_text(json.dumps(result, indent=2))
-    (output / "callback_overhead.md").write_text(
+    return write_results(
+        args.output_dir,
+        "callback_overhead",
+        result,
         "| model | batch | plain step (s) | every step / plain | entropy step / plain | entropy every n steps "
         "| amortised overhead | load average (1 min, before / after) |\n|---|---|---|---|---|---|---|---|\n"
         f"| {result['model']} | {args.batch_size} x {args.block_size} | {result['step_seconds']:.3f} | "
         f"{every_step:.3f} | {entropy_step:.3f} | {every} | {result['amortised_overhead']:.2%} | "
-        f"{load_before[0]:.2f} / {result['load_average']['after'][0]:.2f} |\n"
+        f"{load_before[0]:.2f} / {result['load_average']['after'][0]:.2f} |\n",
     )
+
+
+def write_results(output_dir: str, name: str, result: dict, table: str) -> dict:
+    """Writes ``result`` to ``<name>.json`` and ``table`` to ``<name>.md`` in ``output_dir``; prints and returns it."""
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (output / f"{name}.md").write_text(table)
     print(json.dumps(result, indent=2))
     return result
 
@@ -190,18 +198,16 @@ def distillation_main(args: argparse.Namespace, module: GatedLanguageModel, batc
         "teacher_megabytes": teacher_bytes / 1e6,
         "load_average": {"before": load_before, "after": load_average()},
     }
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "distillation_overhead.json").write_text(json.dumps(result, indent=2))
-    (output / "distillation_overhead.md").write_text(
+    return write_results(
+        args.output_dir,
+        "distillation_overhead",
+        result,
         "| model | batch | plain step (s) | distilled step (s) | distilled / plain (median of pairs) "
         "| teacher weights (MB) | load average (1 min, before / after) |\n|---|---|---|---|---|---|---|\n"
         f"| {result['model']} | {args.batch_size} x {args.block_size} | {result['step_seconds']:.3f} | "
         f"{result['distilled_step_seconds']:.3f} | {result['distilled_over_plain']:.3f} | "
-        f"{result['teacher_megabytes']:.0f} | {load_before[0]:.2f} / {result['load_average']['after'][0]:.2f} |\n"
+        f"{result['teacher_megabytes']:.0f} | {load_before[0]:.2f} / {result['load_average']['after'][0]:.2f} |\n",
     )
-    print(json.dumps(result, indent=2))
-    return result
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sentinel_lightning.module import GatedLanguageModel
 from sentinel_lightning.tiny import TINY_VOCAB, tiny_config, tiny_model  # noqa: F401 (used by the tests)
 
 VOCAB = TINY_VOCAB
@@ -60,3 +61,16 @@ def tiny_trainer(**kwargs):
         num_sanity_val_steps=0,
     )
     return L.Trainer(**{**defaults, **kwargs})
+
+
+
+class ScriptedPerplexity(GatedLanguageModel):
+    """Logs a scripted ``fake_ppl`` after each validation (the last value repeats), to force or avoid a regression."""
+
+    def __init__(self, script, **kwargs):
+        super().__init__(**kwargs)
+        self.script = list(script)
+
+    def on_validation_epoch_end(self):
+        super().on_validation_epoch_end()
+        self.log("fake_ppl", float(self.script[min(self.trainer.current_epoch, len(self.script) - 1)]))

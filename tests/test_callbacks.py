@@ -1,7 +1,7 @@
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_data, tiny_model, tiny_trainer
+from conftest import ScriptedPerplexity, tiny_data, tiny_model, tiny_trainer
 
 from sentinel_lightning import GatedLanguageModel, HeadMetrics, HeadPruning, HeadReactivation, attach_gates, find_gates
 from sentinel_lightning.events import HeadEventListener
@@ -21,18 +21,6 @@ class GateProbe(HeadEventListener):
 
     def on_head_event(self, trainer, pl_module, event):
         self.at_events.append((event.kind, find_gates(pl_module).values.detach().clone()))
-
-
-class ScriptedPerplexity(GatedLanguageModel):
-    """Logs a scripted ``fake_ppl`` after each validation, to force or avoid a regression."""
-
-    def __init__(self, script, **kwargs):
-        super().__init__(**kwargs)
-        self.script = list(script)
-
-    def on_validation_epoch_end(self):
-        super().on_validation_epoch_end()
-        self.log("fake_ppl", float(self.script[self.trainer.current_epoch]))
 
 
 def fit(callbacks, epochs, module=None, **trainer_kwargs):

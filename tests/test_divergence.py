@@ -5,7 +5,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import byte_tokenizer, tiny_data, tiny_model, tiny_trainer
+from conftest import ScriptedPerplexity, byte_tokenizer, tiny_data, tiny_model, tiny_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -48,18 +48,6 @@ class NanLossAt(GatedLanguageModel):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         return loss * float("nan") if batch_idx in self.bad else loss
-
-
-class ScriptedPerplexity(GatedLanguageModel):
-    """Logs a scripted ``fake_ppl`` after each validation."""
-
-    def __init__(self, script, **kwargs):
-        super().__init__(**kwargs)
-        self.script = list(script)
-
-    def on_validation_epoch_end(self):
-        super().on_validation_epoch_end()
-        self.log("fake_ppl", float(self.script[min(self.trainer.current_epoch, len(self.script) - 1)]))
 
 
 class CountBatches(L.Callback):

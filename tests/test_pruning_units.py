@@ -6,7 +6,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from conftest import FAMILIES, tiny_data, tiny_model, tiny_trainer
+from conftest import FAMILIES, ScriptedPerplexity, tiny_data, tiny_model, tiny_trainer
 
 from sentinel_lightning import GatedLanguageModel, HeadMetrics, HeadPruning, HeadReactivation, find_gates
 from sentinel_lightning.families import family_of
@@ -21,18 +21,6 @@ class ActiveProbe(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.masks.append(find_gates(pl_module).active.clone())
-
-
-class ScriptedPerplexity(GatedLanguageModel):
-    """Logs a scripted ``fake_ppl`` after each validation, to force a regression."""
-
-    def __init__(self, script, **kwargs):
-        super().__init__(**kwargs)
-        self.script = list(script)
-
-    def on_validation_epoch_end(self):
-        super().on_validation_epoch_end()
-        self.log("fake_ppl", float(self.script[self.trainer.current_epoch]))
 
 
 def fit(pruning, epochs=1, model=None, module=None, extra=()):
