@@ -46,6 +46,7 @@ COMPENSATED = "+compensation"  # suffix of a run whose pruned heads write their 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (long only because it declares each of them, one call apiece), with --quick's defaults."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
