@@ -199,17 +199,17 @@ def test_uniform_scope_respects_the_minimum_and_uniform_shape_spots_differences(
     assert uniform_shape(torch.zeros(2, 4, dtype=torch.bool), 2) == (0, 0)
 
 
-def test_gradient_prefers_per_example_importance_and_can_normalise_per_layer():
+def test_gradient_scores_batch_per_example_and_per_layer_normalised_importance():
     from sentinel_lightning.strategies import STRATEGIES
 
-    grad_norm = torch.tensor([[0.1, 0.2], [0.3, 0.4]])
-    example = torch.tensor([[0.5, 0.1], [3.0, 4.0]])
-    assert torch.equal(STRATEGIES["gradient"](0)({"grad_norm": grad_norm}), -grad_norm)
-    assert torch.equal(STRATEGIES["gradient"](0)({"grad_norm": grad_norm, "example_importance": example}), -example)
-    assert torch.equal(
-        STRATEGIES["gradient_batch"](0)({"grad_norm": grad_norm, "example_importance": example}), -grad_norm
-    )
-    normalised = STRATEGIES["gradient_layer_norm"](0)({"grad_norm": grad_norm, "example_importance": example})
+    metrics = {
+        "grad_norm": torch.tensor([[0.1, 0.2], [0.3, 0.4]]),
+        "example_importance": torch.tensor([[0.5, 0.1], [3.0, 4.0]]),
+    }
+    example = metrics["example_importance"]
+    assert torch.equal(STRATEGIES["gradient"](0)(metrics), -metrics["grad_norm"])
+    assert torch.equal(STRATEGIES["gradient_per_example"](0)(metrics), -example)
+    normalised = STRATEGIES["gradient_layer_norm"](0)(metrics)
     assert torch.allclose(normalised, -example / example.norm(dim=1, keepdim=True))
 
 

@@ -59,9 +59,13 @@ class HeadPruning(L.Callback):
     ``setup``, and a unit with a protected or non-finite head is never chosen.
 
     Args:
-        strategy: ``"entropy"`` (highest entropy first), ``"gradient"`` (lowest ``|dL/dgate|`` first),
-            ``"random"`` (seeded, identical on every rank), or a callable mapping the metrics
-            ``{"entropy", "grad_norm", "active": [L, H]}`` to a score ``[L, H]`` (highest pruned first).
+        strategy: A name in ``strategies.STRATEGIES``: ``"gradient"`` (lowest batch ``|dL/dgate|`` first, the
+            default), ``"gradient_per_example"`` (lowest mean over examples of ``|dL_b/dgate|``),
+            ``"gradient_layer_norm"`` (that, normalised per layer), ``"attention_sink"`` (the heads of each layer
+            that park most attention on the first token), ``"entropy"`` (the seed's rule: highest entropy first,
+            worse than random on SmolLM2), ``"lowest_entropy"``, ``"random"`` (seeded, identical on every rank); or
+            a callable mapping the metrics (``HeadStatistics.compute()`` plus ``"active"``, each ``[L, H]``) to a
+            score ``[L, H]`` (highest pruned first).
         schedule: Maps a training epoch index (Lightning's ``current_epoch``, from 0) to the fraction of all heads
             pruned after it, non-decreasing, each in [0, 1); or a callable of the epoch index returning the
             fraction, or None for no pruning after that epoch. An empty mapping never prunes. With
