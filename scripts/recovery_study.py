@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
             **{name: run_one(name, options, common, str(output / "runs")) for name, options in planned.items()},
         },
     }
-    command = "python scripts/recovery_study.py " + " ".join(argv if argv is not None else [])
+    command = "python scripts/recovery_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (output / "recovery.json").write_text(json.dumps(results, indent=2))
     (output / "recovery.md").write_text(markdown(results, command.strip()))
     print(markdown(results, command.strip()))
