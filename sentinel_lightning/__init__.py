@@ -10,7 +10,7 @@ from sentinel_lightning.callbacks import (
 )
 from sentinel_lightning.compaction import compact
 from sentinel_lightning.data import LanguageModelingDataModule
-from sentinel_lightning.events import HeadEvent
+from sentinel_lightning.events import HeadEvent, HeadEventListener
 from sentinel_lightning.gates import HeadGates, attach_gates, find_gates
 from sentinel_lightning.module import GatedLanguageModel
 from sentinel_lightning.saving import load_pruned, save_pruned
@@ -23,6 +23,7 @@ __all__ = [
     "GateMonitor",
     "GatedLanguageModel",
     "HeadEvent",
+    "HeadEventListener",
     "HeadGates",
     "HeadMetrics",
     "HeadPruning",
