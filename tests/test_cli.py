@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import byte_tokenizer, tiny_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sentinel_lightning import load_pruned
@@ -12,6 +11,7 @@ from sentinel_lightning.callbacks.pruning import DEFAULT_SCHEDULE, DEFAULT_STRAT
 from sentinel_lightning.cli import main
 from sentinel_lightning.cli.configs import packaged_configs
 from sentinel_lightning.cli.fit import TRAINER_DEFAULTS
+from sentinel_lightning.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "sentinel_lightning" / "configs"
@@ -19,10 +19,7 @@ CONFIGS = ROOT / "sentinel_lightning" / "configs"
 
 @pytest.fixture
 def tiny_model_dir(tmp_path):
-    folder = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
+    return Path(save_tiny_model(str(tmp_path / "tiny-llama")))
 
 
 def write_config(tmp_path, model_dir, **overrides):

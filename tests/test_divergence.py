@@ -1,11 +1,13 @@
 """A diverging run never ends silently: DivergenceGuard, finite-only reactivation, GateMonitor on NaN gates, the
 per-head means' skipped updates, and the command line's exit code and checkpoints."""
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import ScriptedPerplexity, byte_tokenizer, tiny_data, tiny_model, tiny_trainer
+from conftest import ScriptedPerplexity, tiny_data, tiny_model, tiny_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -22,6 +24,7 @@ from sentinel_lightning.callbacks.divergence import nonfinite_parameters
 from sentinel_lightning.cli import EXIT_DIVERGED, main
 from sentinel_lightning.gates import find_causal_lm
 from sentinel_lightning.metrics import HeadStatistics, PerHeadMean
+from sentinel_lightning.tiny import save_tiny_model
 
 
 class PoisonWeight(L.Callback):
@@ -175,10 +178,7 @@ def test_head_metrics_show_the_skipped_steps_of_a_skipping_run():
 
 @pytest.fixture
 def tiny_model_dir(tmp_path):
-    folder = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
+    return Path(save_tiny_model(str(tmp_path / "tiny-llama")))
 
 
 def test_the_cli_exits_non_zero_on_divergence_and_keeps_its_finite_checkpoints(tmp_path, tiny_model_dir, capsys):
