@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from sentinel_lightning.callbacks import HeadPruning
 from sentinel_lightning.data import LanguageModelingDataModule
 from sentinel_lightning.evaluation import evaluate_model
 from sentinel_lightning.gates import HeadGates, attach_gates, find_gates
@@ -43,6 +44,7 @@ QUICK_LEVELS = [0.0, 0.25, 0.5]
 DEFAULT_PROMPT = "In Python, a function definition"
 STRATEGY_NAMES = tuple(STRATEGIES)
 COMPENSATED = "+compensation"  # suffix of a run whose pruned heads write their mean output instead of zero
+LINEAR = "+linear"  # suffix of a run whose pruned heads write their prediction from the kept heads (reconstruction.py)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,6 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         choices=STRATEGY_NAMES,
         help="Strategies also measured with output compensation (pruned heads write their mean output).",
+    )
+    add(
+        "--compensate-linear",
+        nargs="*",
+        default=[],
+        choices=STRATEGY_NAMES,
+        help="Strategies also measured with linear compensation (pruned heads write their least-squares "
+        "prediction from the layer's kept heads).",
     )
     add(
         "--seeds",
@@ -237,13 +247,17 @@ def calibration_and_validation(
 def strategy_runs(args: argparse.Namespace) -> list[tuple[str, int | None]]:
     """``(run name, seed)`` pairs: one per deterministic strategy, one per seed of the random one, and the same
     again for the strategies measured with compensation (named ``strategy+compensation``)."""
-    names = [*args.strategies, *(name + COMPENSATED for name in args.compensate)]
+    names = run_names(args)
     return [(name, seed) for name in names for seed in (args.seeds if name.startswith("random") else [None])]
 
 
 def run_names(args: argparse.Namespace) -> list[str]:
-    """The run names in the tables: the strategies, then the compensated ones."""
-    return [*args.strategies, *(name + COMPENSATED for name in args.compensate)]
+    """The run names in the tables: the strategies, then the compensated ones (mean, then linear)."""
+    return [
+        *args.strategies,
+        *(name + COMPENSATED for name in args.compensate),
+        *(name + LINEAR for name in args.compensate_linear),
+    ]
 
 
 def progress_bar(console):
@@ -282,11 +296,14 @@ def compare(
         for name, seed in strategy_runs(args):
             label = name if seed is None else f"{name} (seed {seed})"
             progress.update(task, description=f"{label} at {level:.0%}")
-            strategy = name.removesuffix(COMPENSATED)
-            compensation = metrics["output_mean"] if name.endswith(COMPENSATED) else None
+            strategy = name.removesuffix(COMPENSATED).removesuffix(LINEAR)
+            mode = "mean" if name.endswith(COMPENSATED) else "linear" if name.endswith(LINEAR) else "none"
+            compensation = metrics["output_mean"] if mode != "none" else None
             scores = resolve_strategy(strategy, 0 if seed is None else seed)(metrics)
             heads = prune_to(gates, scores, round(level * total_heads), args.min_active_heads_per_layer, compensation)
-            key = (frozenset(heads), compensation is not None)
+            if mode == "linear":
+                HeadPruning.fit_linear_compensation(gates, metrics, sorted({layer for layer, _ in heads}))
+            key = (frozenset(heads), mode)
             if key not in measured:
                 evaluated = model
                 if args.recovery_steps:
@@ -354,7 +371,7 @@ def run(args: argparse.Namespace) -> dict:
     calibration, validation = calibration_and_validation(data, args, console)
     with progress_bar(console) as progress:
         task = progress.add_task("calibrating the head metrics", total=1 + len(args.levels) * len(strategy_runs(args)))
-        metrics = measure_head_metrics(model, calibration)
+        metrics = measure_head_metrics(model, calibration, second_moment=bool(args.compensate_linear))
         calibration_seconds = time.perf_counter() - started
         progress.advance(task)
         records = compare(model, tokenizer, data, metrics, validation, args, progress, task, started)

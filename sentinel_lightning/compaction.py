@@ -17,7 +17,8 @@ its output, see ``HeadPruning(compensate=True)``) is folded through the output p
 bias). A family without an output bias gets one (``families.AttentionFamily.add_output_biases``): Llama states it
 with ``attention_bias`` (zero query/key/value biases), so a uniform layout still loads with plain transformers;
 Mistral, Qwen2 and OPT cannot state it in their config and are saved with modeling code. Zero compensation (the
-default) adds nothing.
+default) adds nothing. Linear compensation (``HeadGates.reconstruction[l]``, ``R``: pruned heads also write
+``R x``, ``x`` the gated head outputs) is folded into the kept heads' columns first: ``W_o <- W_o (I + R)``.
 
 The config of a compacted model records what was kept: ``config.kept_heads[l]`` lists the original query heads
 that layer ``l`` kept, ``config.kept_key_value_heads[l]`` the original key/value heads it kept (no repeats; equal
@@ -128,6 +129,7 @@ def compact(model: nn.Module) -> PreTrainedModel:
     active = gates.active.detach().cpu().clone()  # [L, H]
     values = gates.values.detach().cpu().clone()  # [L, H]
     compensation = gates.compensation.detach().cpu().double()  # [L, H, D]
+    reconstruction = None if gates.reconstruction is None else gates.reconstruction.detach().cpu().double()
     detach_gates(compacted)
     previous_heads, previous_kv_heads = _previous_record(compacted, family, num_layers, num_heads)
     num_kv_heads = family.num_key_value_heads(compacted.config)
@@ -136,6 +138,8 @@ def compact(model: nn.Module) -> PreTrainedModel:
     for index, layer in enumerate(family.decoder_layers(compacted)):
         kept = active[index].nonzero().flatten().tolist()
         pruned = (~active[index]).nonzero().flatten().tolist()
+        if reconstruction is not None and pruned and reconstruction[index].any():
+            _fold_reconstruction(family, family.attention_of(layer), reconstruction[index])
         folds.append(_compensation_bias(family, family.attention_of(layer), pruned, compensation[index], head_dim))
         kv_sources = family.key_value_sources(kept, num_heads, num_kv_heads)
         kv_index = family.key_value_index(kept, num_heads, num_kv_heads)
@@ -172,6 +176,13 @@ def _compensation_bias(
     weight = family.output_matrix(attention).detach().double()  # [C, H * D]
     columns = weight.unflatten(1, (-1, head_dim))[:, pruned]  # [C, p, D]
     return torch.einsum("cpd,pd->c", columns, compensation[pruned].to(weight.device))
+
+
+def _fold_reconstruction(family: AttentionFamily, attention: nn.Module, reconstruction: torch.Tensor) -> None:
+    """``W_o <- W_o (I + R)``: the pruned heads' linear prediction ``R x`` ``[H * D, H * D]`` (fp64) moves into the
+    kept heads' columns (``R``'s columns of pruned heads are zero, so theirs stay as they are)."""
+    weight = family.output_matrix(attention)  # [C, H * D], a view of the parameter
+    weight.copy_(weight.double() + weight.double() @ reconstruction.to(weight.device))
 
 
 def _fold_compensation(model: PreTrainedModel, family: AttentionFamily, folds: list[torch.Tensor | None]) -> None:

@@ -45,6 +45,10 @@ class HeadGates(nn.Module):
             output (FLAP's bias compensation) and ``compaction.compact`` folds it into the output projection's
             bias. It is read only while the head is pruned: reactivation leaves it, and the next pruning of the
             head overwrites it.
+        reconstruction: None, or ``[num_layers, H * D, H * D]`` once ``set_linear_compensation`` was used: a pruned
+            head ``h`` of layer ``l`` writes ``compensation[l, h] + reconstruction[l, hD:(h+1)D] @ x``, ``x`` the
+            layer's gated head outputs flattened (``reconstruction.linear_compensation``). Rows of active heads are
+            zero (reactivation clears a head's rows).
 
     The buffers are the pruning callbacks' shared per-head state: they travel in the model's ``state_dict`` and
     so in every Lightning checkpoint.
@@ -64,11 +68,15 @@ class HeadGates(nn.Module):
         self.register_buffer("importance_at_pruning", torch.full((num_layers, num_heads), float("nan")))
         self.register_buffer("protected_until", torch.full((num_layers, num_heads), -1, dtype=torch.long))
         self.register_buffer("compensation", torch.zeros(num_layers, num_heads, head_dim))
+        self.register_buffer("reconstruction", None)  # created by set_linear_compensation (or a loaded state)
         # The gradient of a pruned head's gate is exactly zero: values * active has no gradient where active is False.
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Checkpoints written before ``compensation`` existed load with zeros (pruned heads wrote nothing then).
         state_dict.setdefault(f"{prefix}compensation", torch.zeros_like(self.compensation))
+        saved = state_dict.get(f"{prefix}reconstruction")
+        if saved is not None and self.reconstruction is None:
+            self.reconstruction = torch.zeros_like(saved, device=self.compensation.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -140,12 +148,30 @@ class HeadGates(nn.Module):
         return missing
 
     @torch.no_grad()
+    def set_linear_compensation(self, layer: int, constants: torch.Tensor, matrix: torch.Tensor) -> None:
+        """Makes the pruned heads of ``layer`` write an affine prediction from the layer's active heads.
+
+        Args:
+            layer: The layer.
+            constants: ``[H, D]``: ``compensation`` of the layer's pruned heads (entries of active heads ignored).
+            matrix: ``[H * D, H * D]``: the layer's ``reconstruction`` (rows of active heads must be zero).
+        """
+        if self.reconstruction is None:
+            size = self.num_heads * self.head_dim
+            self.reconstruction = self.compensation.new_zeros(self.num_layers, size, size)
+        pruned = ~self.active[layer]
+        self.compensation[layer, pruned] = constants.to(self.compensation)[pruned.to(constants.device)]
+        self.reconstruction[layer] = matrix.to(self.reconstruction)
+
+    @torch.no_grad()
     def reactivate(self, heads: Iterable[tuple[int, int]]) -> None:
-        """Gives ``heads`` back the gate value they had before they were pruned."""
+        """Gives ``heads`` back the gate value they had before they were pruned (and no prediction to write)."""
         for layer, head in self._check_heads(heads, "heads"):
             if not self.active[layer, head]:
                 self.values[layer, head] = self.values_before_pruning[layer, head]
                 self.active[layer, head] = True
+                if self.reconstruction is not None:
+                    self.reconstruction[layer, head * self.head_dim : (head + 1) * self.head_dim] = 0.0
 
     @torch.no_grad()
     def protect(self, heads: Iterable[tuple[int, int]], until_epoch: int) -> None:
@@ -166,7 +192,8 @@ class _GateHook:
 
     Head ``h``'s slice ``x[..., h, :]`` of the input ``[batch, seq, num_heads, head_dim]`` becomes
     ``o[..., h, :] * values[l, h]`` while the head is active and ``compensation[l, h]`` while it is pruned
-    (computed as ``o * (values * active) + compensation * ~active``: with zero compensation, today's exact zero).
+    (computed as ``o * (values * active) + compensation * ~active``: with zero compensation, today's exact zero),
+    plus, with linear compensation, ``reconstruction[l] @ x`` (``x`` the gated outputs; nonzero at pruned heads).
 
     A callable object rather than a closure so that ``copy.deepcopy`` and pickling keep it pointing at the
     copied model's gates.
@@ -182,7 +209,11 @@ class _GateHook:
         gate = self.gates.values[self.layer] * active  # [num_heads]
         constant = self.gates.compensation[self.layer] * ~active.unsqueeze(-1)  # [num_heads, head_dim]
         heads = hidden.unflatten(-1, (self.gates.num_heads, self.gates.head_dim))  # [batch, seq, H, D]
-        hidden = (heads * gate.to(hidden.dtype).unsqueeze(-1) + constant.to(hidden.dtype)).flatten(-2)
+        gated = (heads * gate.to(hidden.dtype).unsqueeze(-1)).flatten(-2)  # [batch, seq, H * D]
+        hidden = gated + constant.to(hidden.dtype).flatten()
+        reconstruction = self.gates.reconstruction
+        if reconstruction is not None:
+            hidden = hidden + gated @ reconstruction[self.layer].to(hidden.dtype).T
         return (hidden, *rest)
 
 

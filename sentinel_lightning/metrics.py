@@ -204,8 +204,15 @@ class HeadStatistics(torch.nn.Module):
       contributes ``dL_b/dg / B`` to the step's gradient, so the sum of those contributions' absolute values is
       the step's mean of ``|dL_b/dg|``; steps are weighted by their examples. Never below ``grad_norm`` on the
       same steps (``|sum| <= sum of |.|``).
+    - ``compensated_importance``: the mean over examples of ``|sum_t <dL_b/dx, x - m>|``, the first-order change
+      of example ``b``'s loss when the head's gated output ``x`` is replaced by its mean output ``m`` (what
+      ``HeadPruning(compensate=True)`` writes); ``m`` is the running ``output_mean`` including the current pass.
+      Weighted like ``example_importance``.
     - ``output_mean``: each head's output ``o[l, h, :]`` before its gate, the mean over every position of the
       recorded passes, ``[L, H, D]`` (what ``HeadPruning(compensate=True)`` puts in place of a pruned head).
+
+    - ``output_second_moment`` (only after ``enable_output_second_moment()``, for linear compensation): the mean
+      of ``o o^T`` over the same positions, ``[L, H, D, H * D]`` (each layer's heads flattened).
 
     Every state is a sum with ``dist_reduce_fx="sum"``, so ``compute()`` agrees on every DDP rank.
 
@@ -214,7 +221,15 @@ class HeadStatistics(torch.nn.Module):
         head_dim: ``D`` of ``output_mean``.
     """
 
-    KEYS = ("entropy", "sink_mass", "rest_entropy", "grad_norm", "example_importance", "output_mean")
+    KEYS = (
+        "entropy",
+        "sink_mass",
+        "rest_entropy",
+        "grad_norm",
+        "example_importance",
+        "compensated_importance",
+        "output_mean",
+    )
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int = 1) -> None:
         super().__init__()
@@ -223,7 +238,22 @@ class HeadStatistics(torch.nn.Module):
         self.rest_entropy = PerHeadMean(num_layers, num_heads, name="rest_entropy")
         self.grad_norm = PerHeadMean(num_layers, num_heads, name="grad_norm")
         self.example_importance = PerHeadMean(num_layers, num_heads, name="example_importance")
+        self.compensated_importance = PerHeadMean(num_layers, num_heads, name="compensated_importance")
         self.output_mean = PerHeadMean(num_layers, num_heads, name="output_mean", trailing=(head_dim,))
+        self.output_second_moment: PerHeadMean | None = None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The estimators kept: ``KEYS``, and ``output_second_moment`` once enabled."""
+        return self.KEYS if self.output_second_moment is None else (*self.KEYS, "output_second_moment")
+
+    def enable_output_second_moment(self) -> None:
+        """Keeps ``output_second_moment`` too (``[L, H, D, H * D]`` in fp64: 80 MB for SmolLM2-135M)."""
+        if self.output_second_moment is None:
+            num_layers, num_heads, head_dim = self.output_mean.total.shape
+            self.output_second_moment = PerHeadMean(
+                num_layers, num_heads, name="output_second_moment", trailing=(head_dim, num_heads * head_dim)
+            ).to(self.output_mean.total.device)
 
     def update_entropy(self, recording: EntropyRecording) -> None:
         """Adds a closed recording's sums ``[L, H]`` (entropy, sink mass, rest entropy), weighted by its real
@@ -235,29 +265,46 @@ class HeadStatistics(torch.nn.Module):
         """Adds one step's gate gradient ``[L, H]`` (its absolute value)."""
         self.grad_norm.update(gradient.abs())
 
-    def update_outputs(self, output_sums: torch.Tensor, positions: int) -> None:
-        """Adds heads' outputs ``[L, H, D]`` summed over ``positions`` (``HeadOutputRecording.output_sums``)."""
+    def update_outputs(
+        self, output_sums: torch.Tensor, positions: int, output_products: torch.Tensor | None = None
+    ) -> None:
+        """Adds heads' outputs ``[L, H, D]`` summed over ``positions`` (``HeadOutputRecording.output_sums``), and
+        their products ``[L, H * D, H * D]`` when given and the second moment is kept."""
         if positions:
             self.output_mean.update(output_sums, positions)
+            if output_products is not None and self.output_second_moment is not None:
+                shape = self.output_second_moment.total.shape
+                self.output_second_moment.update(output_products.reshape(shape), positions)
 
-    def update_example_importance(self, importance: torch.Tensor, examples: int) -> None:
+    def update_example_importance(
+        self, importance: torch.Tensor, examples: int, compensated: torch.Tensor | None = None
+    ) -> None:
         """Adds one optimizer step's ``sum_b |dL/dg[b]|`` ``[L, H]`` over its ``examples`` examples.
 
         ``importance`` is ``HeadOutputRecording.example_importance`` (summed over the step's micro-batches, in the
         units of the step's unscaled loss), i.e. the step's mean of ``|dL_b/dg|``; it is weighted by ``examples``.
+        ``compensated`` is the step's ``HeadOutputRecording.compensated_importance`` likewise, when recorded.
         """
         if examples:
             self.example_importance.update(importance * examples, examples)
+            if compensated is not None:
+                self.compensated_importance.update(compensated * examples, examples)
+
+    def prior_outputs(self) -> tuple[torch.Tensor, float]:
+        """This process's output sums ``[L, H, D]`` and positions so far: the prior of the next recording's mean."""
+        return self.output_mean.total, float(self.output_mean.weight)
 
     def update_recording(self, recording: HeadOutputRecording) -> None:
         """Adds a closed ``HeadOutputRecording`` of one whole step (its outputs and per-example gradients)."""
-        self.update_outputs(recording.output_sums, recording.positions)
-        self.update_example_importance(recording.example_importance, recording.examples)
+        self.update_outputs(recording.output_sums, recording.positions, recording.output_products)
+        self.update_example_importance(
+            recording.example_importance, recording.examples, recording.compensated_importance
+        )
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """``{"entropy", "grad_norm", "example_importance": [L, H], "output_mean": [L, H, D]}``, NaN where nothing
-        was accumulated; a DDP collective."""
-        return {key: getattr(self, key).compute() for key in self.KEYS}
+        """``{key: [L, H]}`` for every key of ``KEYS`` (``output_mean``: ``[L, H, D]``), NaN where nothing was
+        accumulated; a DDP collective."""
+        return {key: getattr(self, key).compute() for key in self.keys}
 
     def skipped(self) -> dict[str, int]:
         """``{name: n}`` for every estimator: non-finite updates left out since the last reset, over every process.
@@ -265,15 +312,15 @@ class HeadStatistics(torch.nn.Module):
         A DDP collective, like ``compute``: a decision taken right after a divergence can see that its means rest
         on the steps before it only.
         """
-        return {key: getattr(self, key).total_skipped() for key in self.KEYS}
+        return {key: getattr(self, key).total_skipped() for key in self.keys}
 
     def reset(self) -> None:
-        for key in self.KEYS:
+        for key in self.keys:
             getattr(self, key).reset()
 
 
 def measure_head_metrics(
-    model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
+    model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], second_moment: bool = False
 ) -> dict[str, torch.Tensor]:
     """Measures every head's entropy, gradient importances and mean output on calibration batches, without a Trainer.
 
@@ -284,22 +331,26 @@ def measure_head_metrics(
     Args:
         model: A gated causal LM (see ``attach_gates``), or a module holding one.
         batches: Dicts with ``input_ids`` ``[batch, seq]`` and optionally ``attention_mask`` and ``labels``.
+        second_moment: Also measure ``output_second_moment`` (for linear compensation).
 
     Returns:
-        ``{"entropy", "grad_norm", "example_importance": [num_layers, num_heads], "output_mean": [num_layers,
-        num_heads, head_dim]}`` (see ``HeadStatistics``).
+        ``{key: [num_layers, num_heads]}`` for every ``HeadStatistics.KEYS`` but ``output_mean``, which is
+        ``[num_layers, num_heads, head_dim]`` (see ``HeadStatistics``).
     """
     gates = find_gates(model)
     if gates is None:
         raise ValueError(f"measure_head_metrics needs a gated model; {type(model).__name__} has no HeadGates.")
     causal_lm = find_causal_lm(model)
     statistics = HeadStatistics(gates.num_layers, gates.num_heads, gates.head_dim)
+    if second_moment:
+        statistics.enable_output_second_moment()
     learns, was_training = gates.values.requires_grad, causal_lm.training
     gates.values.requires_grad_(True)
     causal_lm.eval()
     try:
         for batch in batches:
-            with torch.enable_grad(), HeadOutputRecording(causal_lm) as outputs:
+            recording_outputs = HeadOutputRecording(causal_lm, *statistics.prior_outputs(), products=second_moment)
+            with torch.enable_grad(), recording_outputs as outputs:
                 with EntropyRecording(causal_lm) as recording:
                     nll_sum, tokens = causal_lm_nll(causal_lm, batch)
                 (gradient,) = torch.autograd.grad(nll_sum / tokens.clamp_min(1), gates.values)

@@ -1,8 +1,8 @@
 """Pruning strategies: pure functions from per-head metrics to the heads to prune.
 
 A strategy maps the metrics (``{"entropy", "sink_mass", "rest_entropy", "grad_norm", "example_importance",
-"active": [L, H], ...}``, see ``metrics.HeadStatistics``) to a score ``[L, H]``; the heads with the highest
-scores are pruned first. ``select_heads`` then picks whole units (a query head, a key/value
+"compensated_importance", "active": [L, H], ...}``, see ``metrics.HeadStatistics``) to a score ``[L, H]``; the
+heads with the highest scores are pruned first. ``select_heads`` then picks whole units (a query head, a key/value
 group or a layer) under the scope and the per-layer minimum, never choosing a head that is already pruned,
 protected, or scored NaN or infinite. Everything here is a pure function of tensors; the model's group size
 ``G`` comes from the family registry (``families.family_of(model).group_size(model.config)``).
@@ -34,6 +34,13 @@ def per_example_gradient_score(metrics: Metrics) -> torch.Tensor:
     """Lowest mean over examples of ``|dL_b/dgate|`` first (Michel et al., 2019's expectation; examples do not
     cancel in it as they do in the batch gradient)."""
     return -metrics["example_importance"].float()
+
+
+def compensated_gradient_score(metrics: Metrics) -> torch.Tensor:
+    """Lowest mean over examples of the first-order loss change of replacing the head's output by its mean output
+    first: the score for pruning with ``compensate=True``, where a pruned head writes that mean instead of zero (a
+    head whose output is nearly constant costs little however large it is)."""
+    return -metrics["compensated_importance"].float()
 
 
 def layer_normalised_gradient_score(metrics: Metrics) -> torch.Tensor:
@@ -92,6 +99,7 @@ STRATEGIES: dict[str, Callable[[int], Strategy]] = {
     "gradient": lambda seed: gradient_score,
     "gradient_per_example": lambda seed: per_example_gradient_score,
     "gradient_layer_norm": lambda seed: layer_normalised_gradient_score,
+    "gradient_compensated": lambda seed: compensated_gradient_score,
     "attention_sink": lambda seed: attention_sink_score,
     "entropy": lambda seed: entropy_score,
     "lowest_entropy": lambda seed: lowest_entropy_score,

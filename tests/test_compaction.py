@@ -35,6 +35,17 @@ def pruned_model(family: str, attn_implementation: str = "sdpa"):
     return model
 
 
+def compact_exactly(gated, tokens):
+    """``compact(gated)``, checked to give the gated model's logits and greedy continuation."""
+    with torch.no_grad():
+        expected = gated(tokens).logits
+    compacted = compact(gated)
+    with torch.no_grad():
+        assert (compacted(tokens).logits - expected).abs().max().item() <= 1e-4
+    assert torch.equal(greedy(compacted, tokens[:1]), greedy(gated, tokens[:1]))
+    return compacted
+
+
 def greedy(model, prompt, tokens=8):
     return model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, min_new_tokens=tokens,
@@ -107,14 +118,7 @@ def test_unequal_groups_keep_logits_with_fewer_key_value_heads(family, attn_impl
     with torch.no_grad():
         gates.values.copy_(torch.linspace(0.5, 1.5, 18).reshape(2, 9))
     gates.prune([(0, 4), (0, 5), (0, 8), (1, 1), (1, 2), (1, 5), (1, 6), (1, 7), (1, 8)])
-    with torch.no_grad():
-        expected = gated(tokens).logits
-
-    compacted = compact(gated)
-
-    with torch.no_grad():
-        assert (compacted(tokens).logits - expected).abs().max().item() <= 1e-4
-    assert torch.equal(greedy(compacted, tokens[:1]), greedy(gated, tokens[:1]))
+    compacted = compact_exactly(gated, tokens)
     assert compacted.config.kept_key_value_heads == [[0, 1, 2], [0, 1]]
     assert compacted.config.key_value_index == [[0, 0, 0, 1, 2, 2], [0, 1, 1]]
     head_dim = 8

@@ -98,13 +98,15 @@ def test_the_script_is_thin_over_the_package():
 
 def test_compensated_runs_prune_the_same_heads_and_write_their_mean_outputs(tmp_path):
     results = load_script().main([
-        "--quick", "--strategies", "gradient", "attention_sink", "--compensate", "gradient", "--seeds", "0",
-        "--output-dir", str(tmp_path),
+        "--quick", "--strategies", "gradient", "attention_sink", "--compensate", "gradient", "--compensate-linear",
+        "gradient", "--seeds", "0", "--output-dir", str(tmp_path),
     ])
-    assert results["strategies"] == ["gradient", "attention_sink", "gradient+compensation"]
+    assert results["strategies"] == ["gradient", "attention_sink", "gradient+compensation", "gradient+linear"]
     by_run = {(row["strategy"], row["level"]): row for row in results["results"]}
     for level in (0.25, 0.5):
         plain, compensated = by_run[("gradient", level)], by_run[("gradient+compensation", level)]
-        assert plain["pruned"] == compensated["pruned"] and plain["perplexity"] != compensated["perplexity"]
+        linear = by_run[("gradient+linear", level)]
+        assert plain["pruned"] == compensated["pruned"] == linear["pruned"]
+        assert len({plain["perplexity"], compensated["perplexity"], linear["perplexity"]}) == 3
     assert by_run[("gradient", 0.0)]["perplexity"] == by_run[("gradient+compensation", 0.0)]["perplexity"]
     assert "gradient+compensation" in (tmp_path / "results.md").read_text()

@@ -106,7 +106,7 @@ def test_head_pruning_compensates_with_the_head_metrics_mean_output(compensated)
 def test_compensation_needs_head_metrics_and_a_bool():
     with pytest.raises(ValueError, match="compensate='yes'"):
         HeadPruning(compensate="yes")
-    with pytest.raises(ValueError, match=r"compensate=True\) needs a HeadMetrics"):
+    with pytest.raises(ValueError, match=r"compensate='mean'\) needs a HeadMetrics"):
         fit([HeadPruning("random", {0: 0.25}, compensate=True)], epochs=1)
 
 

@@ -56,6 +56,51 @@ def test_the_recording_removes_its_hooks(tokens):
         HeadOutputRecording(tiny_model("gpt2"))
 
 
+def compensated_loss_changes(model, tokens, mean):
+    """``[B, L, H]``: each example's first-order loss change ``sum_t <dL_b/dx, m - x>`` when each head's gated
+    output ``x`` (the output projection's input) is replaced by ``mean`` ``[L, H, D]``, ``L_b`` differentiated alone."""
+    gates = find_gates(model)
+    changes, inputs = [], []
+    handles = [
+        projection.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+        for projection in output_projections(model)
+    ]
+    for example in tokens:
+        inputs.clear()
+        nll_sum, count = causal_lm_nll(model, {"input_ids": example[None]})
+        gradients = torch.autograd.grad(nll_sum / count, inputs)
+        change = [
+            torch.einsum("thd,thd->h", g[0].unflatten(-1, (gates.num_heads, -1)), (m - x[0].unflatten(-1, m.shape)))
+            for g, x, m in zip(gradients, inputs, mean)
+        ]
+        changes.append(torch.stack(change))
+    for handle in handles:
+        handle.remove()
+    return torch.stack(changes)
+
+
+def test_compensated_importance_is_the_first_order_loss_change_of_writing_the_mean(family, tokens):
+    model = tiny_model(family)
+    gates = attach_gates(model)
+    gates.prune([(1, 2)])
+    with torch.no_grad():
+        gates.values[0, 1] = 0.5  # the change is that of the gated output
+    with HeadOutputRecording(model) as recording:
+        nll_sum, count = causal_lm_nll(model, {"input_ids": tokens})
+        (nll_sum / count).backward()
+    mean = recording.output_sums / recording.positions  # one pass: centred on its own mean output
+    expected = compensated_loss_changes(model, tokens, mean).abs().mean(dim=0)  # [L, H]
+    expected[1, 2] = 0.0  # a pruned head's output is already replaced
+    assert torch.allclose(recording.compensated_importance, expected, rtol=1e-4, atol=1e-7)
+    # A constant shift of every output is invisible to plain importance, not to the compensated one.
+    prior = torch.randn_like(recording.output_sums)
+    with HeadOutputRecording(model, prior_sums=prior * 1000, prior_positions=1000) as centred_elsewhere:
+        nll_sum, count = causal_lm_nll(model, {"input_ids": tokens})
+        (nll_sum / count).backward()
+    assert torch.allclose(centred_elsewhere.example_importance, recording.example_importance)
+    assert not torch.allclose(centred_elsewhere.compensated_importance, recording.compensated_importance)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The estimators built on the recording: HeadStatistics' example_importance and output_mean
 
@@ -130,7 +175,7 @@ def test_head_metrics_record_what_measure_head_metrics_measures(accumulate):
     model = tiny_model("llama")
     attach_gates(model)
     measured = measure_head_metrics(model, [{"input_ids": batch} for (batch,) in loader])
-    for key in ("entropy", "example_importance", "output_mean"):
+    for key in ("entropy", "example_importance", "compensated_importance", "output_mean"):
         assert torch.allclose(during_fit[key], measured[key], rtol=1e-4, atol=1e-7), key
     assert metrics.statistics.example_importance.weight == 12 and metrics.statistics.output_mean.weight == 12 * 16
     assert metrics.statistics.grad_norm.weight == 4 // accumulate
@@ -144,8 +189,9 @@ def test_head_metrics_record_what_measure_head_metrics_measures(accumulate):
 def test_the_amp_loss_scale_is_divided_out_of_the_step():
     metrics = HeadMetrics()
     metrics.statistics = HeadStatistics(1, 2)
-    metrics._step_importance, metrics._step_examples = torch.tensor([[4.0, 8.0]]), 2
+    metrics._step_importance, metrics._step_examples = torch.tensor([[[4.0, 8.0]], [[12.0, 0.0]]]), 2
     trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=SimpleNamespace(get_scale=lambda: 4.0)))
     metrics._take_step_importance(trainer)
     assert torch.equal(metrics.statistics.example_importance.compute(), torch.tensor([[1.0, 2.0]]))
+    assert torch.equal(metrics.statistics.compensated_importance.compute(), torch.tensor([[3.0, 0.0]]))
     assert metrics._step_importance is None and metrics._step_examples == 0

@@ -28,13 +28,20 @@ class HeadMetrics(HeadEventListener):
     - ``example_importance``: the mean over examples of ``|dL_b/dg|`` (Michel et al.'s expectation, where
       ``grad_norm`` lets examples cancel), from each example's gate gradient; the examples of all micro-batches of
       an optimizer step (gradient accumulation) belong to that step, and an AMP loss scale is divided out.
+    - ``compensated_importance``: the mean over examples of the first-order change of each example's loss when a
+      head's output is replaced by its mean output (what ``HeadPruning(compensate=True)`` writes instead of zero),
+      from the same per-example gradients; the mean is the running ``output_mean`` of this process.
     - ``output_mean``: each head's output before its gate, averaged over every training position, ``[L, H, D]``
       (what ``HeadPruning(compensate=True)`` puts in place of a pruned head).
 
-    The last two come from a ``HeadOutputRecording`` open during every training step (hooks on the output
+    On request of ``HeadPruning(compensate="linear")`` (``require_output_second_moment``) it also keeps
+    ``output_second_moment``, the mean of the products of each layer's head outputs (``[L, H, D, H * D]``), from
+    which linear compensation predicts a pruned head from the kept ones.
+
+    The last three come from a ``HeadOutputRecording`` open during every training step (hooks on the output
     projections, from ``on_train_batch_start`` to ``on_train_batch_end``; stopped on an exception too): a sum
     over positions in the forward and one ``[B, H]`` product per layer in the backward, on the device, no host
-    synchronisation inside the passes. All four are ``HeadStatistics``: sums and counts in ``torchmetrics`` states
+    synchronisation inside the passes. All of them are ``HeadStatistics``: sums and counts in ``torchmetrics`` states
     reduced across DDP ranks, so ``compute()`` agrees on every rank.
 
     Args:
@@ -55,10 +62,12 @@ class HeadMetrics(HeadEventListener):
         self._gates: HeadGates | None = None
         self._recording: EntropyRecording | None = None
         self._outputs: HeadOutputRecording | None = None
-        # Per-example importance of the micro-batches since the last optimizer step: [L, H] sum and examples.
+        # Per-example importances of the micro-batches since the last optimizer step: [2, L, H] sums (plain and
+        # compensated, ``_per_example``) and their examples.
         self._step_importance: torch.Tensor | None = None
         self._step_examples = 0
         self._pending_state: dict[str, Any] | None = None
+        self._second_moment = False
 
     @property
     def entropy(self):
@@ -81,12 +90,20 @@ class HeadMetrics(HeadEventListener):
         self._gates.values.requires_grad_(True)
         if self.statistics is None:
             self.statistics = HeadStatistics(self._gates.num_layers, self._gates.num_heads, self._gates.head_dim)
+        if self._second_moment:
+            self.statistics.enable_output_second_moment()
         self.statistics.to(pl_module.device)
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
 
+    def require_output_second_moment(self) -> None:
+        """Keeps ``output_second_moment`` from now on (asked for by ``HeadPruning(compensate="linear")``)."""
+        self._second_moment = True
+        if self.statistics is not None:
+            self.statistics.enable_output_second_moment()
+
     def compute(self) -> dict[str, torch.Tensor]:
-        """``{"entropy", "grad_norm", "example_importance": [L, H], "output_mean": [L, H, D]}``, NaN where empty.
+        """``{key: [L, H]}`` for every ``HeadStatistics.keys`` (``output_mean``: ``[L, H, D]``), NaN where empty.
 
         Reduces across DDP ranks: every rank must call it at the same point.
         """
@@ -115,7 +132,9 @@ class HeadMetrics(HeadEventListener):
     ) -> None:
         if self._entropy_due():
             self._recording = EntropyRecording(find_causal_lm(pl_module)).start()
-        self._outputs = HeadOutputRecording(find_causal_lm(pl_module)).start()
+        products = self.statistics.output_second_moment is not None
+        model = find_causal_lm(pl_module)
+        self._outputs = HeadOutputRecording(model, *self.statistics.prior_outputs(), products=products).start()
 
     @override
     def on_train_batch_end(
@@ -157,9 +176,9 @@ class HeadMetrics(HeadEventListener):
         if outputs is None:
             return
         outputs.stop()
-        self.statistics.update_outputs(outputs.output_sums, outputs.positions)
+        self.statistics.update_outputs(outputs.output_sums, outputs.positions, outputs.output_products)
         if outputs.examples:
-            pending, importance = self._step_importance, outputs.example_importance
+            pending, importance = self._step_importance, _per_example(outputs)
             self._step_importance = importance if pending is None else pending + importance
             self._step_examples += outputs.examples
 
@@ -169,9 +188,10 @@ class HeadMetrics(HeadEventListener):
         importance, examples = self._step_importance, self._step_examples
         outputs = self._outputs
         if outputs is not None and outputs.examples:
-            importance = outputs.example_importance if importance is None else importance + outputs.example_importance
+            importance = _per_example(outputs) if importance is None else importance + _per_example(outputs)
             examples += outputs.examples
             outputs.example_importance = torch.zeros_like(outputs.example_importance)  # taken by this step
+            outputs.compensated_importance = torch.zeros_like(outputs.compensated_importance)
             outputs.examples = 0
         self._step_importance, self._step_examples = None, 0
         if importance is None:
@@ -179,7 +199,7 @@ class HeadMetrics(HeadEventListener):
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # the backward ran on the scaled loss
         if scaler is not None and hasattr(scaler, "get_scale"):
             importance = importance / scaler.get_scale()
-        self.statistics.update_example_importance(importance, examples)
+        self.statistics.update_example_importance(importance[0], examples, importance[1])
 
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
@@ -204,7 +224,7 @@ class HeadMetrics(HeadEventListener):
         pending = self._step_importance
         return {
             "batches_seen": self.batches_seen,
-            **{key: _states(getattr(self.statistics, key)) for key in HeadStatistics.KEYS},
+            **{key: _states(getattr(self.statistics, key)) for key in self.statistics.keys},
             # A checkpoint taken inside an accumulation window keeps the micro-batches already recorded.
             "step_importance": None if pending is None else pending.clone(),
             "step_examples": self._step_examples,
@@ -218,14 +238,23 @@ class HeadMetrics(HeadEventListener):
             self._pending_state = state_dict
             return
         self.batches_seen = state_dict["batches_seen"]
-        for key in HeadStatistics.KEYS:
+        if "output_second_moment" in state_dict:
+            self.require_output_second_moment()
+        for key in self.statistics.keys:
             metric = getattr(self.statistics, key)
             for name, value in state_dict.get(key, {}).items():  # checkpoints of older versions lack some
                 setattr(metric, name, value.to(metric.total.device))
         pending = state_dict.get("step_importance")
+        if pending is not None and pending.dim() == 2:  # older checkpoints: the plain importance only
+            pending = torch.stack([pending, torch.full_like(pending, float("nan"))])
         self._step_importance = None if pending is None else pending.to(self.statistics.grad_norm.total.device)
         self._step_examples = state_dict.get("step_examples", 0)
         self._pending_state = None
+
+
+def _per_example(outputs: HeadOutputRecording) -> torch.Tensor:
+    """A recording's per-example importances, ``[2, L, H]``: plain (``example_importance``) and compensated."""
+    return torch.stack([outputs.example_importance, outputs.compensated_importance])
 
 
 def _states(metric) -> dict[str, Any]:

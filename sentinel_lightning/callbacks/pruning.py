@@ -15,6 +15,7 @@ from sentinel_lightning.callbacks.head_metrics import HeadMetrics
 from sentinel_lightning.events import HeadEvent, find_callback, notify_head_event
 from sentinel_lightning.families import family_of
 from sentinel_lightning.gates import HeadGates, find_causal_lm, find_or_attach_gates
+from sentinel_lightning.reconstruction import linear_compensation
 from sentinel_lightning.strategies import (
     METRIC_STRATEGIES,
     Strategy,
@@ -34,6 +35,7 @@ DEFAULT_SCHEDULE = {0: 0.1, 1: 0.2, 2: 0.3}
 # The strategy our own comparison recommends (docs/results.md): gradient beats random and entropy at every level.
 DEFAULT_STRATEGY = "gradient"
 INTERVALS = ("epoch", "step")
+COMPENSATIONS = ("none", "mean", "linear")
 
 
 def _check_fraction(target: Any, where: str) -> float:
@@ -95,7 +97,12 @@ class HeadPruning(L.Callback):
             (``output_mean``, ``[L, H, D]``) instead of zero, kept in ``HeadGates.compensation``;
             ``compaction.compact`` folds it into the output projection's bias. Needs ``HeadMetrics``. A head given
             back by ``HeadReactivation`` keeps its compensation, unused while it is active, until it is pruned
-            again. With False a head pruned here writes zero (its compensation is cleared).
+            again. With False a head pruned here writes zero (its compensation is cleared). ``True`` is
+            ``"mean"``; ``"linear"`` makes every pruned head of a layer touched by a pruning event write the best
+            affine prediction of its output from the layer's kept heads instead of the mean (ridge least squares
+            on the same positions, ``reconstruction.linear_compensation``; ``HeadMetrics`` then also keeps the
+            outputs' second moment, ``[L, H, D, H * D]``, and each pruned layer's forward one more ``[H * D, H *
+            D]`` product); ``compact`` folds it into the output projection, exactly. ``False`` is ``"none"``.
 
     No decision is taken on a non-finite model: a NaN or infinite weight or gate raises a ``DivergenceError``
     (``callbacks.divergence``), and a decision whose head metrics left out non-finite updates says so in a
@@ -115,7 +122,7 @@ class HeadPruning(L.Callback):
         monitor: str = "val_ppl",
         unit: str = "head",
         interval: str = "epoch",
-        compensate: bool = False,
+        compensate: bool | str = False,
     ) -> None:
         if interval not in INTERVALS:
             raise ValueError(f"interval={interval!r} is not one of {INTERVALS}.")
@@ -142,8 +149,10 @@ class HeadPruning(L.Callback):
         self.min_active_heads_per_layer = resolve_minimum(unit, scope, min_active_heads_per_layer)
         self.schedule = schedule
         self.interval = interval
-        if not isinstance(compensate, bool):
-            raise ValueError(f"compensate={compensate!r} must be True or False.")
+        if isinstance(compensate, bool):
+            compensate = "mean" if compensate else "none"
+        if compensate not in COMPENSATIONS:
+            raise ValueError(f"compensate={compensate!r} must be True, False or one of {COMPENSATIONS}.")
         self.compensate = compensate
         self.scope = scope
         self.unit = unit
@@ -183,10 +192,14 @@ class HeadPruning(L.Callback):
             raise ValueError(
                 f"HeadPruning(strategy={self.strategy_name!r}) needs a HeadMetrics callback in the same Trainer."
             )
-        if self.compensate and find_callback(trainer, HeadMetrics) is None:
+        head_metrics = find_callback(trainer, HeadMetrics)
+        if self.compensate != "none" and head_metrics is None:
             raise ValueError(
-                "HeadPruning(compensate=True) needs a HeadMetrics callback (its output_mean) in the same Trainer."
+                f"HeadPruning(compensate={self.compensate!r}) needs a HeadMetrics callback (its output_mean) in the "
+                "same Trainer."
             )
+        if self.compensate == "linear":
+            head_metrics.require_output_second_moment()
 
     def _reachable(self, target: float) -> int:
         """The number of pruned query heads nearest ``target`` that whole units (and the scope's shape) reach."""
@@ -287,8 +300,10 @@ class HeadPruning(L.Callback):
         )
         heads = trainer.strategy.broadcast(heads, src=0)  # one decision for every rank
         if heads:
-            compensation = metrics.get("output_mean") if self.compensate else None
+            compensation = metrics.get("output_mean") if self.compensate != "none" else None
             self.prune(trainer, gates, heads, metrics.get("grad_norm"), compensation)
+            if self.compensate == "linear":
+                self.fit_linear_compensation(gates, metrics, sorted({layer for layer, _ in heads}))
         self._warn_if_short(epoch, target, count, heads)
         if not heads:
             return
@@ -332,6 +347,31 @@ class HeadPruning(L.Callback):
             for state in optimizer.state.get(gates.values, {}).values():
                 if isinstance(state, torch.Tensor) and state.shape == gates.values.shape:
                     state[pruned] = 0
+
+    @staticmethod
+    @torch.no_grad()
+    def fit_linear_compensation(gates: HeadGates, metrics: Mapping[str, torch.Tensor], layers: list[int]) -> None:
+        """Makes every pruned head of ``layers`` write its affine prediction from the layer's active heads.
+
+        ``metrics`` holds ``output_mean`` ``[L, H, D]`` and ``output_second_moment`` ``[L, H, D, H * D]`` (as
+        ``HeadMetrics.compute()`` gives them); a layer whose statistics are not finite keeps the mean (warned).
+        """
+        mean, second_moment = metrics["output_mean"], metrics["output_second_moment"]
+        values = torch.where(gates.active, gates.values, gates.values_before_pruning).detach().cpu()
+        unusable = []
+        for layer in layers:
+            if not (torch.isfinite(mean[layer]).all() and torch.isfinite(second_moment[layer]).all()):
+                unusable.append(layer)
+                continue
+            constants, matrix = linear_compensation(
+                mean[layer], second_moment[layer], gates.active[layer].cpu(), values[layer]
+            )
+            gates.set_linear_compensation(layer, constants, matrix)
+        if unusable:
+            rank_zero_warn(
+                f"HeadPruning(compensate='linear'): no finite output statistics for layer(s) {unusable}; their "
+                "pruned heads write their mean output instead."
+            )
 
     @override
     def state_dict(self) -> dict[str, Any]:
