@@ -2,7 +2,7 @@
 
 The callbacks that change gates keep their events in their state and announce each one to every callback of the
 trainer that is a ``HeadEventListener`` (``HeadMetrics``, ``HeadReactivation`` and ``GateMonitor`` are; a user's
-callback can be too).
+callback can be too), and to the LightningModule when it defines ``on_head_event``.
 """
 
 from __future__ import annotations
@@ -72,8 +72,12 @@ def find_callback(trainer: L.Trainer, kind: type[CallbackType]) -> CallbackType 
 
 
 def notify_head_event(trainer: L.Trainer, pl_module: L.LightningModule, event: HeadEvent) -> None:
-    """Logs ``event`` on rank zero and calls ``on_head_event`` of every ``HeadEventListener`` of ``trainer``."""
+    """Logs ``event`` on rank zero and calls ``on_head_event`` of every ``HeadEventListener`` of ``trainer``, then
+    the LightningModule's own ``on_head_event(trainer, event)`` when it has one (``GatedLanguageModel`` does)."""
     rank_zero_info(f"sentinel-lightning: {event.describe()}")
     for callback in trainer.callbacks:
         if isinstance(callback, HeadEventListener):
             callback.on_head_event(trainer, pl_module, event)
+    module_listener = getattr(pl_module, "on_head_event", None)
+    if callable(module_listener):
+        module_listener(trainer, event)

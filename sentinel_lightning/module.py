@@ -11,7 +11,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, get_linear_schedule_with_warmup
 from typing_extensions import override
 
-from sentinel_lightning.gates import HeadGates, attach_gates, detach_gates
+from sentinel_lightning.events import HeadEvent
+from sentinel_lightning.gates import HeadGates, attach_gates, detach_gates, find_gates
 from sentinel_lightning.metrics import (
     Perplexity,
     causal_lm_inputs,
@@ -20,6 +21,8 @@ from sentinel_lightning.metrics import (
     causal_lm_token_losses,
 )
 from sentinel_lightning.pretrained import load_causal_lm
+
+TEACHERS = ("loaded", "before_pruning")
 
 
 class GatedLanguageModel(L.LightningModule):
@@ -41,14 +44,22 @@ class GatedLanguageModel(L.LightningModule):
             ``(1 - d) * CE + d * T**2 * KL(teacher_T || student_T)``, both averaged over the predicted tokens (one
             forward, one mask: ``metrics.causal_lm_inputs``). 0 (the default) is plain fine-tuning, with no teacher.
         distillation_temperature: Temperature ``T`` > 0 of both distributions in the KL.
+        distillation_teacher: ``"loaded"``: the model as loaded (dense, before any pruning or fine-tuning);
+            ``"before_pruning"``: the model as it was just before the latest pruning event (fine-tuned so far,
+            with the heads that event pruned), taken afresh at every pruning event; until the first one the loss
+            is the plain causal-LM loss.
 
-    Distillation: the teacher is a frozen copy of the model as loaded (dense: taken before the gates are attached,
-    or with them detached, so before any pruning or fine-tuning), in eval mode, with no gradients. It is kept out
-    of the module tree: it is in no optimizer, not in ``state_dict()`` nor in checkpoints, and ``.to()`` does not
-    see it; the training step moves it to the module's device. ``load_from_checkpoint`` rebuilds it from the same
-    source (``model``: a name or path, or the embedded default); under DDP every rank builds (or unpickles) its
-    own. A module built from ``model_config`` (a checkpoint of a module built around a model object) has no dense
-    weights to copy and refuses to fit with distillation: pass the dense model again,
+    Distillation: the teacher is a frozen copy of the model, in eval mode, with no gradients. ``"loaded"`` copies
+    it as loaded (taken before the gates are attached, or with them detached). ``"before_pruning"`` copies the
+    gated model when a pruning event is announced (``on_head_event``) and gives the copy back the heads the event
+    pruned, so the student learns to write what the fine-tuned model wrote before it lost them. It is kept out
+    of the module tree: it is in no optimizer, not in ``state_dict()``, and ``.to()`` does not see it; the training
+    step moves it to the module's device. ``load_from_checkpoint`` rebuilds a ``"loaded"`` teacher from the same
+    source (``model``: a name or path, or the embedded default); a ``"before_pruning"`` teacher, which no source
+    can rebuild, travels in the checkpoint (``checkpoint["distillation_teacher"]``, one more copy of the weights),
+    so that a resumed run distils from the same teacher. Under DDP every rank builds (or unpickles) its own. A
+    module built from ``model_config`` (a checkpoint of a module built around a model object) has no dense weights
+    to copy and refuses to fit with ``"loaded"`` distillation: pass the dense model again,
     ``GatedLanguageModel.load_from_checkpoint(path, model=<the model as loaded>)``. The step logs ``train_ce``
     and ``train_kl`` (at temperature ``T``, unscaled) besides ``train_loss``; ``val_ppl`` stays the plain
     causal-LM perplexity.
@@ -74,11 +85,14 @@ class GatedLanguageModel(L.LightningModule):
         attn_implementation: str | None = None,
         distillation: float = 0.0,
         distillation_temperature: float = 2.0,
+        distillation_teacher: str = "loaded",
     ) -> None:
         super().__init__()
         _check_arguments(
             learning_rate, gate_learning_rate, weight_decay, warmup_ratio, distillation, distillation_temperature
         )
+        if distillation_teacher not in TEACHERS:
+            raise ValueError(f"distillation_teacher={distillation_teacher!r} is not one of {TEACHERS}.")
         load_kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         from_config = model is None and model_config is not None  # randomly initialised: no dense weights
         if isinstance(model, PreTrainedModel):
@@ -111,16 +125,41 @@ class GatedLanguageModel(L.LightningModule):
         return self.__dict__.get("_teacher")
 
     def _copy_teacher(self, built_from_config: bool) -> PreTrainedModel | None:
-        """A frozen copy of ``self.model`` as loaded, without gates; None without distillation or dense weights."""
-        if self.hparams.distillation == 0 or built_from_config:
+        """A frozen copy of ``self.model`` as loaded, without gates; None without distillation or dense weights, or
+        when the teacher is taken at pruning events."""
+        if self.hparams.distillation == 0 or built_from_config or self.hparams.distillation_teacher != "loaded":
             return None
         teacher = copy.deepcopy(self.model)
         detach_gates(teacher)  # a model object given with gates already attached: the teacher is its dense self
         return teacher.eval().requires_grad_(False)
 
+    def on_head_event(self, trainer: L.Trainer, event: HeadEvent) -> None:
+        """With ``distillation_teacher="before_pruning"``, a pruning event makes the model before it the teacher."""
+        if event.kind != "prune" or self.hparams.distillation == 0:
+            return
+        if self.hparams.distillation_teacher != "before_pruning":
+            return
+        self.__dict__["_teacher"] = None  # free the previous teacher before copying
+        teacher = copy.deepcopy(self.model)
+        find_gates(teacher).reactivate(event.heads)
+        self.__dict__["_teacher"] = teacher.eval().requires_grad_(False)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.distillation_teacher == "before_pruning" and self.teacher is not None:
+            checkpoint["distillation_teacher"] = self.teacher.state_dict()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("distillation_teacher")
+        if state is not None and self.hparams.distillation > 0:
+            teacher = copy.deepcopy(self.model)  # the same architecture, gates included
+            teacher.load_state_dict(state)
+            self.__dict__["_teacher"] = teacher.eval().requires_grad_(False)
+
     @override
     def on_fit_start(self) -> None:
-        if self.hparams.distillation > 0 and self.teacher is None:
+        if self.hparams.distillation > 0 and self.hparams.distillation_teacher == "loaded" and self.teacher is None:
             raise ValueError(
                 f"distillation={self.hparams.distillation} needs the dense model as loaded, but this module was "
                 "built from model_config (randomly initialised, as when a checkpoint of a module built around a "
@@ -135,7 +174,7 @@ class GatedLanguageModel(L.LightningModule):
         ce_sum, tokens = causal_lm_token_losses(logits, labels)
         loss = ce = ce_sum / tokens.clamp_min(1)
         batch_size = input_ids.shape[0]
-        weight = self.hparams.distillation
+        weight = self.hparams.distillation if self.teacher is not None else 0.0
         if weight > 0:
             kl = self._distillation_kl(input_ids, attention_mask, logits, labels) / tokens.clamp_min(1)
             loss = (1.0 - weight) * ce + weight * self.hparams.distillation_temperature**2 * kl

@@ -9,8 +9,10 @@ import torch
 import yaml
 from conftest import tiny_data, tiny_model, tiny_trainer
 
-from sentinel_lightning import GatedLanguageModel
+from sentinel_lightning import GatedLanguageModel, HeadPruning
 from sentinel_lightning.cli import main
+from sentinel_lightning.events import HeadEvent, notify_head_event
+from sentinel_lightning.gates import find_gates
 from sentinel_lightning.metrics import causal_lm_nll
 
 
@@ -216,3 +218,50 @@ def test_every_ddp_rank_distils_from_its_own_frozen_teacher(tmp_path):
         saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert not saved["training"] and saved["kl"] > 0
         assert all(torch.equal(saved["teacher"][k], v) for k, v in dense.items())
+
+
+def test_the_teacher_before_pruning_is_the_model_as_it_was_before_each_pruning_event():
+    module = perturbed(GatedLanguageModel(tiny_model("llama"), distillation=1.0, distillation_teacher="before_pruning"))
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(3, 200, (2, 12))}
+    assert module.teacher is None  # no pruning yet: the plain loss
+    nll_sum, tokens = causal_lm_nll(module.model, batch)
+    assert torch.equal(step_loss(module, batch), nll_sum / tokens)
+    with torch.no_grad():
+        before = module.model(input_ids=batch["input_ids"]).logits
+    module.gates.prune([(0, 1), (1, 2)])
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    notify_head_event(trainer, module, HeadEvent("prune", 0, 0, [(0, 1), (1, 2)], "test"))
+    teacher = module.teacher
+    assert teacher is not None and not teacher.training
+    assert not any(parameter.requires_grad for parameter in teacher.parameters())
+    with torch.no_grad():
+        assert torch.allclose(teacher(input_ids=batch["input_ids"]).logits, before, atol=1e-6)
+    assert step_loss(module, batch).item() > 1e-4  # the pruned student learns to write what it wrote before
+    module.gates.prune([(1, 0)])  # the next event: the teacher has the first event's heads pruned, not these
+    notify_head_event(trainer, module, HeadEvent("prune", 1, 0, [(1, 0)], "test"))
+    assert module.teacher is not teacher
+    assert find_gates(module.teacher).pruned_heads() == [(0, 1), (1, 2)]
+    assert "teacher" not in str(list(module.state_dict()))
+
+
+def test_an_unknown_teacher_is_named():
+    with pytest.raises(ValueError, match=r"distillation_teacher='dense' is not one of \('loaded', 'before_pruning'\)"):
+        GatedLanguageModel(tiny_model("llama"), distillation=0.5, distillation_teacher="dense")
+
+
+def test_a_teacher_taken_at_pruning_travels_in_the_checkpoint(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    module = GatedLanguageModel(
+        str(tmp_path / "tiny"), distillation=0.5, distillation_teacher="before_pruning", learning_rate=1e-2
+    )
+    pruning = HeadPruning(strategy="random", schedule={1: 0.25}, interval="step")
+    trainer = tiny_trainer(max_steps=3, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[pruning])
+    trainer.fit(module, tiny_data())
+    assert module.teacher is not None and find_gates(module.teacher).sparsity == 0.0
+    assert find_gates(module.model).sparsity == 0.25
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    restored = GatedLanguageModel.load_from_checkpoint(tmp_path / "run.ckpt")
+    for key, value in module.teacher.state_dict().items():  # importance_at_pruning is NaN where never pruned
+        torch.testing.assert_close(restored.teacher.state_dict()[key], value, rtol=0, atol=0, equal_nan=True)
+    assert not torch.equal(restored.model.model.embed_tokens.weight, restored.teacher.model.embed_tokens.weight)
