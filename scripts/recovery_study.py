@@ -1,11 +1,13 @@
 """Recovery study: how close to a dense fine-tune does fine-tune-with-pruning end, with each recovery lever?
 
-Runs the default job (``sentinel-lightning fit``, the same budget: epochs, batches, tokens) once dense and then,
-for each target fraction of heads, with plain fine-tuning, with distillation from the dense model, with output
-compensation, and with both. Pruning reaches the target in three steps after epochs 0, 1 and 2, and reactivation
-is switched off (``--reactivation.tolerance`` very large) so that every pruned run ends at its target and all are
-compared at the same fraction. Writes ``recovery.json`` and ``recovery.md`` (validation perplexity of each run and
-its ratio to the dense fine-tune) to ``--output-dir``.
+Runs the default job (``sentinel-lightning fit``, the same budget: epochs, batches, tokens, learning rate) once
+dense and then, for each target fraction of heads, with each recovery recipe of ``VARIANTS``: plain fine-tuning,
+distillation from the model as loaded, mean output compensation, both, the compensated gradient score, distillation
+from the model before each pruning (``snapshot``), linear compensation, and linear compensation with the snapshot
+teacher. Pruning reaches the target in ``--steps`` equal steps after epochs 0, 1, ... (2 as the job does; 3 as the
+first study did), and reactivation is switched off (``--reactivation.tolerance`` very large) so that every pruned
+run ends at its target and all are compared at the same fraction. Writes ``recovery.json`` and ``recovery.md``
+(validation perplexity of each run and its ratio to the dense fine-tune) to ``--output-dir``.
 
     python scripts/recovery_study.py                                  # the embedded default: about 7 min a run
     python scripts/recovery_study.py --targets 0.3 --variants plain both
@@ -29,11 +31,26 @@ import torch
 from sentinel_lightning.cli.fit import run_fit
 from sentinel_lightning.tiny import save_tiny_model
 
+
+def _variant(strategy: str, compensate: str, distillation: float = 0.0, teacher: str = "loaded") -> list[str]:
+    """The options of one recovery recipe, every lever stated (whatever the job's defaults are)."""
+    return [
+        f"--pruning.strategy={strategy}",
+        f"--pruning.compensate={compensate}",
+        f"--model.distillation={distillation}",
+        f"--model.distillation_teacher={teacher}",
+    ]
+
+
 VARIANTS = {
-    "plain": [],
-    "distillation": ["--model.distillation=0.5"],
-    "compensation": ["--pruning.compensate=true"],
-    "both": ["--model.distillation=0.5", "--pruning.compensate=true"],
+    "plain": _variant("gradient", "none"),
+    "distillation": _variant("gradient", "none", 0.5),  # from the model as loaded
+    "compensation": _variant("gradient", "mean"),
+    "both": _variant("gradient", "mean", 0.5),
+    "compensated_score": _variant("gradient_compensated", "mean"),
+    "snapshot": _variant("gradient_compensated", "mean", 0.5, "before_pruning"),
+    "linear": _variant("gradient_compensated", "linear"),
+    "linear+snapshot": _variant("gradient_compensated", "linear", 0.5, "before_pruning"),
 }
 HOLD_TARGET = ["--reactivation.tolerance=1000000"]  # no reactivation: every run ends at its target
 QUICK_SETTINGS = [
@@ -46,19 +63,18 @@ QUICK_SETTINGS = [
 ]
 
 
-def schedule_for(target: float) -> str:
-    """The job's three-step schedule (after epochs 0, 1 and 2) that ends at ``target``, as a CLI value."""
-    steps = {epoch: round(target * (epoch + 1) / 3, 4) for epoch in range(3)}
-    return json.dumps(steps)
+def schedule_for(target: float, steps: int = 2) -> str:
+    """The schedule of ``steps`` equal steps after epochs 0, 1, ... that ends at ``target``, as a CLI value."""
+    return json.dumps({epoch: round(target * (epoch + 1) / steps, 4) for epoch in range(steps)})
 
 
-def runs(targets: list[float], variants: list[str], dense: bool = True) -> dict[str, list[str]]:
+def runs(targets: list[float], variants: list[str], dense: bool = True, steps: int = 2) -> dict[str, list[str]]:
     """Each run's name and its ``fit`` options (besides the common ones); the dense run first when ``dense``."""
     planned = {"dense": ["--pruning.schedule={}"]} if dense else {}
     for target in targets:
         for variant in variants:
             planned[f"{variant} {target:.0%}"] = [
-                f"--pruning.schedule={schedule_for(target)}",
+                f"--pruning.schedule={schedule_for(target, steps)}",
                 *HOLD_TARGET,
                 *VARIANTS[variant],
             ]
@@ -99,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--targets", nargs="+", type=float, default=[0.3, 0.5], help="fractions of heads pruned")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=2, help="pruning steps, after epochs 0, 1, ... (default: 2)")
     parser.add_argument("--output-dir", default="pruning_results")
     parser.add_argument("--reuse-dense", help="recovery.json of an earlier run of this study: take its dense run")
     parser.add_argument("--quick", action="store_true", help="a tiny random model in short blocks (for the tests)")
@@ -114,7 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
     reused = (
         {} if args.reuse_dense is None else {"dense": json.loads(Path(args.reuse_dense).read_text())["runs"]["dense"]}
     )
-    planned = runs(args.targets, args.variants, dense=not reused)
+    if not 1 <= args.steps < 4:
+        parser.error(f"--steps={args.steps} must lie in [1, 3]: the job trains 4 epochs and prunes at epoch ends.")
+    planned = runs(args.targets, args.variants, dense=not reused, steps=args.steps)
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
         "targets": args.targets,

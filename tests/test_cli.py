@@ -10,7 +10,7 @@ from sentinel_lightning import load_pruned
 from sentinel_lightning.callbacks.pruning import DEFAULT_SCHEDULE, DEFAULT_STRATEGY
 from sentinel_lightning.cli import main
 from sentinel_lightning.cli.configs import packaged_configs
-from sentinel_lightning.cli.fit import TRAINER_DEFAULTS
+from sentinel_lightning.cli.fit import JOB_DEFAULTS, TRAINER_DEFAULTS
 from sentinel_lightning.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,8 +109,15 @@ def test_an_unknown_config_name_errors_with_the_packaged_names(tmp_path, monkeyp
 def test_the_job_defaults_come_from_one_place(capsys):
     assert set(packaged_configs()) == {"default", "entropy", "gradient", "random"}
     printed = _printed_in_process(capsys)
-    assert printed["pruning"]["strategy"] == DEFAULT_STRATEGY == "gradient"
-    assert {int(epoch): target for epoch, target in printed["pruning"]["schedule"].items()} == DEFAULT_SCHEDULE
+    assert DEFAULT_STRATEGY == "gradient"  # the callback's own default; the job states its recipe in JOB_DEFAULTS
+    for dotted, value in JOB_DEFAULTS.items():
+        group, name = dotted.split(".")
+        printed_value = printed[group][name]
+        if name == "schedule":
+            printed_value = {int(epoch): target for epoch, target in printed_value.items()}
+        assert printed_value == value, dotted
+    if "pruning.schedule" not in JOB_DEFAULTS:
+        assert {int(epoch): target for epoch, target in printed["pruning"]["schedule"].items()} == DEFAULT_SCHEDULE
     assert {key: printed["trainer"][key] for key in TRAINER_DEFAULTS} == TRAINER_DEFAULTS
     # The packaged default.yaml is exactly the built-in default.
     assert yaml.safe_load((CONFIGS / "default.yaml").read_text()) == printed

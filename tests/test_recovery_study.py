@@ -14,10 +14,12 @@ def load_script():
 
 def test_schedules_end_at_the_target_in_three_steps():
     script = load_script()
-    assert json.loads(script.schedule_for(0.3)) == {"0": 0.1, "1": 0.2, "2": 0.3}
+    assert json.loads(script.schedule_for(0.3)) == {"0": 0.15, "1": 0.3}  # the job's two steps
+    assert json.loads(script.schedule_for(0.3, steps=3)) == {"0": 0.1, "1": 0.2, "2": 0.3}
     planned = script.runs([0.5], ["plain", "both"])
     assert list(planned) == ["dense", "plain 50%", "both 50%"]
-    assert "--model.distillation=0.5" in planned["both 50%"] and "--pruning.compensate=true" in planned["both 50%"]
+    assert "--model.distillation=0.5" in planned["both 50%"] and "--pruning.compensate=mean" in planned["both 50%"]
+    assert "--model.distillation=0.0" in planned["plain 50%"] and "--pruning.compensate=none" in planned["plain 50%"]
 
 
 def test_quick_study_compares_every_run_with_the_dense_fine_tune(tmp_path):
