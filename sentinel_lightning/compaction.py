@@ -139,7 +139,7 @@ def compact(model: nn.Module) -> PreTrainedModel:
         kept = active[index].nonzero().flatten().tolist()
         pruned = (~active[index]).nonzero().flatten().tolist()
         if reconstruction is not None and pruned and reconstruction[index].any():
-            _fold_reconstruction(family, family.attention_of(layer), reconstruction[index])
+            _fold_reconstruction(family, family.attention_of(layer), reconstruction[index].flatten(0, 1))
         folds.append(_compensation_bias(family, family.attention_of(layer), pruned, compensation[index], head_dim))
         kv_sources = family.key_value_sources(kept, num_heads, num_kv_heads)
         kv_index = family.key_value_index(kept, num_heads, num_kv_heads)

@@ -45,10 +45,10 @@ class HeadGates(nn.Module):
             output (FLAP's bias compensation) and ``compaction.compact`` folds it into the output projection's
             bias. It is read only while the head is pruned: reactivation leaves it, and the next pruning of the
             head overwrites it.
-        reconstruction: None, or ``[num_layers, H * D, H * D]`` once ``set_linear_compensation`` was used: a pruned
-            head ``h`` of layer ``l`` writes ``compensation[l, h] + reconstruction[l, hD:(h+1)D] @ x``, ``x`` the
-            layer's gated head outputs flattened (``reconstruction.linear_compensation``). Rows of active heads are
-            zero (reactivation clears a head's rows).
+        reconstruction: None, or ``[num_layers, num_heads, head_dim, H * D]`` once ``set_linear_compensation`` was
+            used: a pruned head ``h`` of layer ``l`` writes ``compensation[l, h] + reconstruction[l, h] @ x``, ``x``
+            the layer's gated head outputs flattened (``reconstruction.linear_compensation``). Zero for active
+            heads (reactivation clears a head's entry).
 
     The buffers are the pruning callbacks' shared per-head state: they travel in the model's ``state_dict`` and
     so in every Lightning checkpoint.
@@ -154,14 +154,15 @@ class HeadGates(nn.Module):
         Args:
             layer: The layer.
             constants: ``[H, D]``: ``compensation`` of the layer's pruned heads (entries of active heads ignored).
-            matrix: ``[H * D, H * D]``: the layer's ``reconstruction`` (rows of active heads must be zero).
+            matrix: ``[H * D, H * D]``: the layer's prediction (rows of active heads must be zero), stored as
+                ``reconstruction[layer]`` ``[H, D, H * D]``.
         """
         if self.reconstruction is None:
             size = self.num_heads * self.head_dim
-            self.reconstruction = self.compensation.new_zeros(self.num_layers, size, size)
+            self.reconstruction = self.compensation.new_zeros(self.num_layers, self.num_heads, self.head_dim, size)
         pruned = ~self.active[layer]
         self.compensation[layer, pruned] = constants.to(self.compensation)[pruned.to(constants.device)]
-        self.reconstruction[layer] = matrix.to(self.reconstruction)
+        self.reconstruction[layer] = matrix.to(self.reconstruction).view(self.num_heads, self.head_dim, -1)
 
     @torch.no_grad()
     def reactivate(self, heads: Iterable[tuple[int, int]]) -> None:
@@ -171,7 +172,7 @@ class HeadGates(nn.Module):
                 self.values[layer, head] = self.values_before_pruning[layer, head]
                 self.active[layer, head] = True
                 if self.reconstruction is not None:
-                    self.reconstruction[layer, head * self.head_dim : (head + 1) * self.head_dim] = 0.0
+                    self.reconstruction[layer, head] = 0.0
 
     @torch.no_grad()
     def protect(self, heads: Iterable[tuple[int, int]], until_epoch: int) -> None:
@@ -213,7 +214,7 @@ class _GateHook:
         hidden = gated + constant.to(hidden.dtype).flatten()
         reconstruction = self.gates.reconstruction
         if reconstruction is not None:
-            hidden = hidden + gated @ reconstruction[self.layer].to(hidden.dtype).T
+            hidden = hidden + gated @ reconstruction[self.layer].flatten(0, 1).to(hidden.dtype).T
         return (hidden, *rest)
 
 

@@ -116,8 +116,9 @@ def test_head_pruning_fits_the_prediction_and_checkpoints_carry_it(tmp_path):
     trainer = tiny_trainer(max_epochs=2, callbacks=[metrics, pruning], default_root_dir=tmp_path)
     trainer.fit(module, tiny_data())
     gates = module.gates
-    rows = gates.reconstruction.abs().sum(dim=-1).unflatten(-1, (gates.num_heads, gates.head_dim)).sum(-1)  # [L, H]
-    assert torch.equal(rows > 0, ~gates.active)  # every pruned head predicts, no active one does
+    assert gates.reconstruction.shape == (*gates.active.shape, gates.head_dim, gates.num_heads * gates.head_dim)
+    predicts = gates.reconstruction.abs().sum(dim=(-2, -1)) > 0  # [L, H]
+    assert torch.equal(predicts, ~gates.active)  # every pruned head predicts, no active one does
     assert "output_second_moment" in metrics.state_dict()
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     restored = GatedLanguageModel.load_from_checkpoint(tmp_path / "run.ckpt")
@@ -131,3 +132,15 @@ def test_head_pruning_fits_the_prediction_and_checkpoints_carry_it(tmp_path):
 def test_an_unknown_compensation_is_named():
     with pytest.raises(ValueError, match=r"compensate='median' must be True, False or one of \('none', 'mean', 'li"):
         HeadPruning(compensate="median")
+
+
+def test_a_layer_without_finite_statistics_keeps_the_mean_and_says_so(tokens):
+    model = tiny_model("llama")
+    gates = attach_gates(model)
+    metrics = measure_head_metrics(model, [{"input_ids": tokens}], second_moment=True)
+    gates.prune([(0, 1), (1, 2)], compensation=metrics["output_mean"])
+    metrics["output_second_moment"][1, 0, 0, 0] = float("nan")
+    with pytest.warns(UserWarning, match=r"no finite output statistics or fit for layer\(s\) \[1\]"):
+        HeadPruning.fit_linear_compensation(gates, metrics, [0, 1])
+    assert gates.reconstruction[0, 1].any() and not gates.reconstruction[1].any()
+    assert torch.equal(gates.compensation[1, 2], metrics["output_mean"][1, 2])

@@ -354,7 +354,8 @@ class HeadPruning(L.Callback):
         """Makes every pruned head of ``layers`` write its affine prediction from the layer's active heads.
 
         ``metrics`` holds ``output_mean`` ``[L, H, D]`` and ``output_second_moment`` ``[L, H, D, H * D]`` (as
-        ``HeadMetrics.compute()`` gives them); a layer whose statistics are not finite keeps the mean (warned).
+        ``HeadMetrics.compute()`` gives them); a layer whose statistics or fit are not finite keeps the mean
+        (warned).
         """
         mean, second_moment = metrics["output_mean"], metrics["output_second_moment"]
         values = torch.where(gates.active, gates.values, gates.values_before_pruning).detach().cpu()
@@ -366,11 +367,14 @@ class HeadPruning(L.Callback):
             constants, matrix = linear_compensation(
                 mean[layer], second_moment[layer], gates.active[layer].cpu(), values[layer]
             )
+            if not (torch.isfinite(constants).all() and torch.isfinite(matrix).all()):
+                unusable.append(layer)
+                continue
             gates.set_linear_compensation(layer, constants, matrix)
         if unusable:
             rank_zero_warn(
-                f"HeadPruning(compensate='linear'): no finite output statistics for layer(s) {unusable}; their "
-                "pruned heads write their mean output instead."
+                f"HeadPruning(compensate='linear'): no finite output statistics or fit for layer(s) {unusable}; "
+                "their pruned heads write their mean output instead."
             )
 
     @override
