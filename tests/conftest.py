@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sentinel_lightning.cli.fit import JOB_DEFAULTS
 from sentinel_lightning.module import GatedLanguageModel
 from sentinel_lightning.tiny import TINY_VOCAB, tiny_config, tiny_model  # noqa: F401 (used by the tests)
 
@@ -74,3 +75,13 @@ class ScriptedPerplexity(GatedLanguageModel):
     def on_validation_epoch_end(self):
         super().on_validation_epoch_end()
         self.log("fake_ppl", float(self.script[min(self.trainer.current_epoch, len(self.script) - 1)]))
+
+
+def assert_job_defaults(printed: dict) -> None:
+    """Every ``JOB_DEFAULTS`` setting appears in a printed job config (``--print_config``, parsed)."""
+    for dotted, value in JOB_DEFAULTS.items():
+        group, name = dotted.split(".")
+        printed_value = printed[group][name]
+        if name == "schedule":  # YAML keys of the printed schedule may be strings
+            printed_value = {int(key): target for key, target in printed_value.items()}
+        assert printed_value == value, dotted

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import assert_job_defaults
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sentinel_lightning import load_pruned
@@ -110,12 +111,7 @@ def test_the_job_defaults_come_from_one_place(capsys):
     assert set(packaged_configs()) == {"default", "entropy", "gradient", "random"}
     printed = _printed_in_process(capsys)
     assert DEFAULT_STRATEGY == "gradient"  # the callback's own default; the job states its recipe in JOB_DEFAULTS
-    for dotted, value in JOB_DEFAULTS.items():
-        group, name = dotted.split(".")
-        printed_value = printed[group][name]
-        if name == "schedule":
-            printed_value = {int(epoch): target for epoch, target in printed_value.items()}
-        assert printed_value == value, dotted
+    assert_job_defaults(printed)
     if "pruning.schedule" not in JOB_DEFAULTS:
         assert {int(epoch): target for epoch, target in printed["pruning"]["schedule"].items()} == DEFAULT_SCHEDULE
     assert {key: printed["trainer"][key] for key in TRAINER_DEFAULTS} == TRAINER_DEFAULTS

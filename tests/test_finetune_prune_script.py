@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import assert_job_defaults
 
 from sentinel_lightning.cli import main
-from sentinel_lightning.cli.fit import JOB_DEFAULTS, TRAINER_DEFAULTS
+from sentinel_lightning.cli.fit import TRAINER_DEFAULTS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "finetune_prune.py"
 
@@ -42,12 +43,7 @@ def test_script_runs_the_cli_job_with_its_defaults(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert {key: printed["trainer"][key] for key in TRAINER_DEFAULTS} == TRAINER_DEFAULTS
     assert printed["trainer"]["limit_train_batches"] == 6 and printed["trainer"]["max_epochs"] == 4
-    for dotted, value in JOB_DEFAULTS.items():
-        group, name = dotted.split(".")
-        printed_value = printed[group][name]
-        if name == "schedule":
-            printed_value = {int(key): target for key, target in printed_value.items()}
-        assert printed_value == value, dotted
+    assert_job_defaults(printed)
 
 
 def test_quick_mode_uses_the_package_tiny_model(tmp_path):

@@ -1,10 +1,13 @@
 """Linear compensation: a pruned head writes the ridge least-squares prediction of its output from the kept heads."""
 
+import os
+
 import lightning as L
 import pytest
 import torch
 from conftest import tiny_data, tiny_model, tiny_trainer
 from test_compaction import compact_exactly, pruned_model
+from test_saving import CODE_FILES, load_without_package, uniform_llama
 
 from sentinel_lightning import GatedLanguageModel, HeadMetrics, HeadPruning
 from sentinel_lightning.families import output_projections
@@ -144,3 +147,14 @@ def test_a_layer_without_finite_statistics_keeps_the_mean_and_says_so(tokens):
         HeadPruning.fit_linear_compensation(gates, metrics, [0, 1])
     assert gates.reconstruction[0, 1].any() and not gates.reconstruction[1].any()
     assert torch.equal(gates.compensation[1, 2], metrics["output_mean"][1, 2])
+
+
+def test_a_uniform_llama_with_linear_compensation_loads_with_plain_transformers(tokens, tmp_path):
+    gated = uniform_llama()
+    fit_every_pruned_layer(gated, tokens)
+    assert find_gates(gated).reconstruction.any()
+    compacted = compact_exactly(gated, tokens)
+    save_pruned(compacted, str(tmp_path / "model"))
+    assert not any(os.path.isfile(tmp_path / "model" / name) for name in CODE_FILES)
+    printed = load_without_package(tmp_path / "model", compacted, tokens, tmp_path, trust_remote_code=False)
+    assert printed.split()[0] == "LlamaForCausalLM"
