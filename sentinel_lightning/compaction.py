@@ -6,8 +6,8 @@ the active gates' values folded into the output projection (a head gated at 0.5 
 
 How each family's projections are cut and its attention module resized lives in ``families.py`` (one entry per
 family). Grouped-query families keep a key/value head while any query head of its group is kept, and never
-repeat one: a layer whose kept groups are unequal reads its key/value heads through an index
-(``pruned_modeling.KeyValueIndexAttention``), so the key/value projections and cache never grow and the
+repeat one: a layer whose kept groups are unequal runs its query heads in equal slots
+(``pruned_modeling.QuerySlots``), so the key/value projections and cache never grow and the
 parameter count drops with every pruned query head. A layer whose heads are all pruned gets a
 ``families.EmptyAttention``.
 

@@ -438,8 +438,8 @@ class GroupedQueryFamily(SeparateProjectionsFamily):
     key/value heads are never repeated, so the key/value projections and cache only shrink. A layer whose kept
     groups stay equal (each kept key/value head read by the same number ``g`` of query heads) keeps the stock
     module with ``num_key_value_groups = g``. Kept groups of different sizes (say 3, 1 and 2 query heads) cannot
-    be expressed by one ``num_key_value_groups``: ``pruned_modeling.resize_attention`` then gives the layer an
-    attention that expands the key/value heads to the query heads by an index (``key_value_index``).
+    be expressed by one ``num_key_value_groups``: ``pruned_modeling.resize_attention`` then runs the layer's
+    query heads in equal slots (``pruned_modeling.QuerySlots``).
 
     Args:
         model_type: The ``config.model_type`` served.
