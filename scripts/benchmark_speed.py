@@ -313,7 +313,7 @@ def sizes(model: PreTrainedModel, args: argparse.Namespace) -> dict:
 
 
 def bytes_per_decoded_token(entry: dict, context: int) -> int:
-    """Bytes a decoded token moves at ``context`` tokens of cache: every weight once, plus the whole cache."""
+    """``compaction.bytes_per_decoded_token`` from an entry's sizes: every weight once, plus the whole cache."""
     return entry["weight_bytes"] + entry["kv_cache_bytes_per_token"] * context
 
 

@@ -87,6 +87,15 @@ def kv_cache_bytes_per_token(model: nn.Module) -> int:
     return numbers * torch.empty((), dtype=causal_lm.dtype).element_size()
 
 
+def bytes_per_decoded_token(model: nn.Module, context: int) -> int:
+    """Bytes one decoding step must read with ``context`` tokens cached: every weight once plus the whole cache.
+
+    The ratio of two models' values bounds how much faster one decodes than the other where decoding is limited
+    by memory traffic (batch 1, long contexts), which is how a smaller cache pays.
+    """
+    return weight_bytes(model) + kv_cache_bytes_per_token(model) * context
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Compaction
 
