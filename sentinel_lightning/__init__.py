@@ -7,6 +7,7 @@ from sentinel_lightning.callbacks import (
     HeadMetrics,
     HeadPruning,
     HeadReactivation,
+    KeyValueMerging,
 )
 from sentinel_lightning.compaction import compact
 from sentinel_lightning.data import LanguageModelingDataModule
@@ -28,6 +29,7 @@ __all__ = [
     "HeadMetrics",
     "HeadPruning",
     "HeadReactivation",
+    "KeyValueMerging",
     "LanguageModelingDataModule",
     "attach_gates",
     "compact",

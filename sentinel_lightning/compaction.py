@@ -43,6 +43,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from sentinel_lightning.families import AttentionFamily, family_of
 from sentinel_lightning.gates import HeadGates, detach_gates, find_causal_lm, find_gates
+from sentinel_lightning.merging import merged_layout, reads_own_groups
 from sentinel_lightning.pretrained import forget_quantization
 from sentinel_lightning.pruned_modeling import equal_groups, key_value_indices, resize_attention
 
@@ -139,6 +140,7 @@ def compact(model: nn.Module) -> PreTrainedModel:
     values = gates.values.detach().cpu().clone()  # [L, H]
     compensation = gates.compensation.detach().cpu().double()  # [L, H, D]
     reconstruction = None if gates.reconstruction is None else gates.reconstruction.detach().cpu().double()
+    mix = None if gates.key_value_mix is None else gates.key_value_mix.detach().cpu().double()  # [L, H, K]
     detach_gates(compacted)
     previous_heads, previous_kv_heads = _previous_record(compacted, family, num_layers, num_heads)
     num_kv_heads = family.num_key_value_heads(compacted.config)
@@ -150,11 +152,18 @@ def compact(model: nn.Module) -> PreTrainedModel:
         if reconstruction is not None and pruned and reconstruction[index].any():
             _fold_reconstruction(family, family.attention_of(layer), reconstruction[index].flatten(0, 1))
         folds.append(_compensation_bias(family, family.attention_of(layer), pruned, compensation[index], head_dim))
-        kv_sources = family.key_value_sources(kept, num_heads, num_kv_heads)
-        kv_index = family.key_value_index(kept, num_heads, num_kv_heads)
         attention = family.attention_of(layer)
+        rows = None
+        if mix is not None and kept and not reads_own_groups(mix[index], kept, family.group_size(compacted.config)):
+            kept, kv_index, rows = merged_layout(mix[index], kept)  # kept ordered by the merged head they read
+            kv_sources = [int(row.argmax()) for row in rows]  # each merged head's largest part, for the record
+        else:
+            kv_sources = family.key_value_sources(kept, num_heads, num_kv_heads)
+            kv_index = family.key_value_index(kept, num_heads, num_kv_heads)
         tensors = family.slice_heads(attention, kept, kv_sources, values[index, kept], head_dim)
-        if len(kept) < num_heads:
+        if rows is not None:
+            tensors.update(_merged_key_values(attention, rows, head_dim))
+        if len(kept) < num_heads or rows is not None:
             attention = resize_attention(family, layer, index, kv_index, head_dim)
         _copy_tensors(attention, tensors)
         kept_heads.append([previous_heads[index][head] for head in kept])
@@ -163,6 +172,27 @@ def compact(model: nn.Module) -> PreTrainedModel:
     _fold_compensation(compacted, family, folds)
     _record(compacted.config, family, kept_heads, kept_kv_heads, kv_indices, head_dim)
     return compacted.eval()
+
+
+def _merged_key_values(attention: nn.Module, rows: torch.Tensor, head_dim: int) -> dict[str, torch.Tensor]:
+    """The key and value projections of merged key/value heads: ``W' = sum_k rows[j, k] W[k]`` per merged head.
+
+    Args:
+        attention: A grouped-query attention module before resizing (``k_proj``, ``v_proj``: ``[K * D, C]``).
+        rows: ``[K', K]`` (fp64): each merged head's mix of the original ones (``merging.merged_layout``).
+        head_dim: ``D``.
+    """
+    tensors = {}
+    for name in ("k_proj", "v_proj"):
+        projection = getattr(attention, name)
+        weight = projection.weight.detach().double().unflatten(0, (-1, head_dim))  # [K, D, C]
+        merged = torch.einsum("jk,kdc->jdc", rows.to(weight.device), weight).flatten(0, 1)  # [K' * D, C]
+        tensors[f"{name}.weight"] = merged.to(projection.weight.dtype)
+        if projection.bias is not None:
+            bias = projection.bias.detach().double().unflatten(0, (-1, head_dim))  # [K, D]
+            tensors[f"{name}.bias"] = torch.einsum("jk,kd->jd", rows.to(bias.device), bias).flatten().to(
+                projection.bias.dtype)
+    return tensors
 
 
 def _compensation_bias(

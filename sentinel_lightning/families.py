@@ -135,6 +135,9 @@ class AttentionFamily:
             bias that compaction adds; None when the family's config cannot state one alone (compaction then sets
             ``config.attention_output_bias``, see ``add_output_biases``).
         bias_projections: The projections ``bias_attribute`` gives biases to.
+        merges_key_values: Whether query heads can read mixes of key/value heads (``merging``): separate
+            ``k_proj`` / ``v_proj`` whose outputs are the keys and values, with nothing per head after them but
+            the rotary embedding, which commutes with mixing heads.
     """
 
     model_type: str = ""
@@ -146,6 +149,7 @@ class AttentionFamily:
     config_has_head_dim: bool = False
     bias_attribute: str | None = None
     bias_projections: tuple[str, ...] = ()
+    merges_key_values: bool = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_type={self.model_type!r})"
@@ -447,7 +451,7 @@ class GroupedQueryFamily(SeparateProjectionsFamily):
     """
 
     layers, output_projection = "model.layers", "o_proj"
-    grouped_query = config_has_head_dim = True
+    grouped_query = config_has_head_dim = merges_key_values = True
 
     def __init__(
         self, model_type: str, config_class: type[PretrainedConfig], bias_attribute: str | None = None

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from sentinel_lightning.families import (  # noqa: F401 (re-exported while callers move to families)
     attention_modules,
     decoder_layers,
+    family_of,
     head_shape,
     output_projections,
 )
@@ -49,6 +50,10 @@ class HeadGates(nn.Module):
             used: a pruned head ``h`` of layer ``l`` writes ``compensation[l, h] + reconstruction[l, h] @ x``, ``x``
             the layer's gated head outputs flattened (``reconstruction.linear_compensation``). Zero for active
             heads (reactivation clears a head's entry).
+        key_value_mix: None, or ``[num_layers, num_heads, K]`` once ``set_key_value_mix`` was used: query head
+            ``h`` of layer ``l`` reads the keys and values ``sum_k key_value_mix[l, h, k] * kv_k`` of the layer's
+            ``K`` key/value heads (``merging``: merged key/value heads). While it exists every layer's key and
+            value projections are expanded to the query heads through it (one-hot rows read as the plain model).
 
     The buffers are the pruning callbacks' shared per-head state: they travel in the model's ``state_dict`` and
     so in every Lightning checkpoint.
@@ -69,14 +74,16 @@ class HeadGates(nn.Module):
         self.register_buffer("protected_until", torch.full((num_layers, num_heads), -1, dtype=torch.long))
         self.register_buffer("compensation", torch.zeros(num_layers, num_heads, head_dim))
         self.register_buffer("reconstruction", None)  # created by set_linear_compensation (or a loaded state)
+        self.register_buffer("key_value_mix", None)  # created by set_key_value_mix (or a loaded state)
         # The gradient of a pruned head's gate is exactly zero: values * active has no gradient where active is False.
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Checkpoints written before ``compensation`` existed load with zeros (pruned heads wrote nothing then).
         state_dict.setdefault(f"{prefix}compensation", torch.zeros_like(self.compensation))
-        saved = state_dict.get(f"{prefix}reconstruction")
-        if saved is not None and self.reconstruction is None:
-            self.reconstruction = torch.zeros_like(saved, device=self.compensation.device)
+        for name in ("reconstruction", "key_value_mix"):  # created lazily: a state that has them brings them
+            saved = state_dict.get(f"{prefix}{name}")
+            if saved is not None and getattr(self, name) is None:
+                setattr(self, name, torch.zeros_like(saved, device=self.compensation.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -165,6 +172,33 @@ class HeadGates(nn.Module):
         self.reconstruction[layer] = matrix.to(self.reconstruction).view(self.num_heads, self.head_dim, -1)
 
     @torch.no_grad()
+    def set_key_value_mix(self, layer: int, mix: torch.Tensor, group_size: int) -> None:
+        """Makes the query heads of ``layer`` read mixes of its key/value heads (merged key/value heads).
+
+        Args:
+            layer: The layer.
+            mix: ``[H, K]``: row ``h`` weighs the ``K`` key/value heads query head ``h`` reads.
+            group_size: ``G = H // K`` of the model: the other layers keep reading key/value head ``h // G``.
+        """
+        num_kv_heads = self.num_heads // group_size
+        if mix.shape != (self.num_heads, num_kv_heads):
+            raise ValueError(f"mix is {list(mix.shape)}; layer {layer} needs [{self.num_heads}, {num_kv_heads}].")
+        if self.key_value_mix is None:
+            reads = torch.arange(self.num_heads, device=self.values.device) // group_size  # [H]
+            identity = nn.functional.one_hot(reads, num_kv_heads).to(self.values.dtype)  # [H, K]
+            self.key_value_mix = identity.expand(self.num_layers, -1, -1).clone()  # [L, H, K]
+        self.key_value_mix[layer] = mix.to(self.key_value_mix)
+
+    def merged_layers(self) -> torch.Tensor:
+        """Bool ``[num_layers]``: layers whose query heads read merged key/value heads (``set_key_value_mix``)."""
+        if self.key_value_mix is None:
+            return torch.zeros(self.num_layers, dtype=torch.bool, device=self.active.device)
+        num_kv_heads = self.key_value_mix.shape[-1]
+        reads = torch.arange(self.num_heads, device=self.active.device) // (self.num_heads // num_kv_heads)
+        identity = nn.functional.one_hot(reads, num_kv_heads).to(self.key_value_mix)  # [H, K]
+        return (self.key_value_mix != identity).flatten(1).any(dim=1)
+
+    @torch.no_grad()
     def reactivate(self, heads: Iterable[tuple[int, int]]) -> None:
         """Gives ``heads`` back the gate value they had before they were pruned (and no prediction to write)."""
         for layer, head in self._check_heads(heads, "heads"):
@@ -218,6 +252,35 @@ class _GateHook:
         return (hidden, *rest)
 
 
+class _KeyValueMixHook:
+    """Forward hook of a key or value projection: ``[batch, seq, K * D]`` -> ``[batch, seq, H * D]`` through the
+    layer's ``key_value_mix`` once it exists (the attention then runs with one key/value head per query head,
+    ``_KeyValueGroupsHook``); nothing before."""
+
+    def __init__(self, gates: HeadGates, layer: int) -> None:
+        self.gates = gates
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        mix = self.gates.key_value_mix
+        if mix is None:
+            return None
+        heads = output.unflatten(-1, (mix.shape[-1], self.gates.head_dim))  # [batch, seq, K, D]
+        return torch.einsum("hk,btkd->bthd", mix[self.layer].to(output.dtype), heads).flatten(-2)  # [.., H * D]
+
+
+class _KeyValueGroupsHook:
+    """Forward pre-hook of an attention module: one key/value head per query head while ``key_value_mix`` exists
+    (the mixed projections already give every query head its own), the model's own group size otherwise."""
+
+    def __init__(self, gates: HeadGates, group_size: int) -> None:
+        self.gates = gates
+        self.group_size = group_size
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        module.num_key_value_groups = 1 if self.gates.key_value_mix is not None else self.group_size
+
+
 def find_gates(module: nn.Module) -> HeadGates | None:
     """Returns the ``HeadGates`` inside ``module`` (a model or a LightningModule holding one), or None."""
     for submodule in module.modules():
@@ -251,6 +314,15 @@ def attach_gates(model: nn.Module) -> HeadGates:
         projection.register_forward_pre_hook(_GateHook(gates, layer))
         for layer, projection in enumerate(output_projections(model))
     ]
+    family = family_of(model)
+    if family.merges_key_values:
+        group_size = family.group_size(model.config)
+        for layer, attention in enumerate(attention_modules(model)):
+            gates._hook_handles += [
+                attention.k_proj.register_forward_hook(_KeyValueMixHook(gates, layer)),
+                attention.v_proj.register_forward_hook(_KeyValueMixHook(gates, layer)),
+                attention.register_forward_pre_hook(_KeyValueGroupsHook(gates, group_size)),
+            ]
     return gates
 
 
@@ -265,6 +337,10 @@ def detach_gates(model: nn.Module) -> None:
     for handle in getattr(gates, "_hook_handles", ()):
         handle.remove()
     gates._hook_handles = []
+    if gates.key_value_mix is not None:  # the attention read one key/value head per query head while mixing
+        group_size = family_of(model).group_size(model.config)
+        for attention in attention_modules(model):
+            attention.num_key_value_groups = group_size
     delattr(model, GATES_ATTRIBUTE)
 
 

@@ -322,9 +322,10 @@ def _mismatch_message(directory: str, model: PreTrainedModel, mismatched) -> str
 def check_kept_heads(config, where: str = "config") -> None:
     """Checks the layout a compacted config records before a model is built from it (nothing to check if none).
 
-    ``kept_heads`` must hold one list per decoder layer of strictly increasing original query head indices in
-    ``[0, H)``; ``kept_key_value_heads`` likewise of key/value head indices in ``[0, K)`` (repeats allowed only in
-    folders saved before ``key_value_index`` existed); ``key_value_index[l]`` one position in
+    ``kept_heads`` must hold one list per decoder layer of distinct original query head indices in ``[0, H)``
+    (ascending, except where merged key/value heads group their readers); ``kept_key_value_heads`` likewise of
+    key/value head indices in ``[0, K)`` (increasing with repeats in folders saved before ``key_value_index``
+    existed); ``key_value_index[l]`` one position in
     ``range(len(kept_key_value_heads[l]))`` per kept query head (the identity without grouped-query attention).
     ``H`` and ``K`` are the config's head counts, except after a rewrite to the uniform shape (see ``compaction``
     and ``_records_original_heads``): the config no longer records them, and indices are only checked to be
@@ -346,11 +347,12 @@ def check_kept_heads(config, where: str = "config") -> None:
     num_heads = config.num_attention_heads
     num_kv_heads = (getattr(config, "num_key_value_heads", None) or num_heads) if grouped else num_heads
     bounds = (num_heads, num_kv_heads) if _records_original_heads(config, family) else (None, None)
-    _check_layers(where, "kept_heads", kept_heads, num_layers, bounds[0], order="strictly increasing")
+    # Distinct, in the order the weights hold them: merged key/value heads group their readers (``merging``).
+    _check_layers(where, "kept_heads", kept_heads, num_layers, bounds[0], order="distinct")
     kv_heads = getattr(config, "kept_key_value_heads", None)
     kv_index = getattr(config, "key_value_index", None)
     if kv_heads is not None:
-        order = "strictly increasing" if kv_index is not None else "increasing"  # repeats: before key_value_index
+        order = "distinct" if kv_index is not None else "increasing"  # repeats: before key_value_index
         _check_layers(where, "kept_key_value_heads", kv_heads, num_layers, bounds[1], order)
         differ = [layer for layer, (kv, heads) in enumerate(zip(kv_heads, kept_heads)) if kv != heads]
         if not grouped and differ:
@@ -382,7 +384,7 @@ def _records_original_heads(config, family) -> bool:
 
 def _check_layers(where: str, field: str, value, num_layers: int, bound: int | None, order: str | None) -> None:
     """Checks that ``config.<field>`` is a list of ``num_layers`` lists of ints in ``[0, bound)`` (any int >= 0
-    when ``bound`` is None), in ``order`` (``"strictly increasing"``, ``"increasing"``, or None for any)."""
+    when ``bound`` is None), in ``order`` (``"distinct"``, ``"increasing"``, or None for any)."""
     if not isinstance(value, list) or not all(isinstance(layer, list) for layer in value):
         raise ValueError(
             f"{where}: config.{field} = {value!r} must be a list holding one list of head indices per decoder layer."
@@ -399,8 +401,9 @@ def _check_layers(where: str, field: str, value, num_layers: int, bound: int | N
                 f"{where}: config.{field}[{layer}] = {indices} holds {bad[0]!r}, not a head index in {allowed} "
                 f"(layer {layer})."
             )
-        strict = order == "strictly increasing"
-        if order and any(a >= b if strict else a > b for a, b in itertools.pairwise(indices)):
+        wrong = len(set(indices)) < len(indices) if order == "distinct" else order and any(
+            a > b for a, b in itertools.pairwise(indices))
+        if wrong:
             raise ValueError(f"{where}: config.{field}[{layer}] = {indices} must be {order} (layer {layer}).")
 
 

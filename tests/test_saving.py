@@ -288,7 +288,7 @@ def saved_with(tmp_path, family: str, **fields) -> str:
         ({"kept_heads": [[], [1, 2, "3"], [0, 2]]}, r"config\.kept_heads\[1\] = .* holds '3'"),
         ({"kept_heads": [[], [1, 2, 9], [0, 2]]}, r"config\.kept_heads\[1\] = \[1, 2, 9\] holds 9, .*\[0, 4\)"),
         ({"kept_heads": [[], [-1, 2, 3], [0, 2]]}, r"config\.kept_heads\[1\] = \[-1, 2, 3\] holds -1"),
-        ({"kept_heads": [[], [3, 2, 1], [0, 2]]}, r"config\.kept_heads\[1\] = \[3, 2, 1\] must be strictly increasing"),
+        ({"kept_heads": [[], [3, 3, 1], [0, 2]]}, r"config\.kept_heads\[1\] = \[3, 3, 1\] must be distinct"),
         ({"kept_heads": [[1, 2, 3], [0, 2]]}, r"config\.kept_heads has 2 layers.*num_hidden_layers=3"),
         ({"kept_key_value_heads": [[], [0, 5], [0, 1]]}, r"config\.kept_key_value_heads\[1\] = \[0, 5\] holds 5"),
         ({"key_value_index": [[], [0, 1, 7], [0, 1]]}, r"config\.key_value_index\[1\] = \[0, 1, 7\]"),

@@ -149,8 +149,10 @@ class HeadReactivation(HeadEventListener):
         self.wait_count = 0
 
     def _candidates(self) -> list[tuple[int, int]]:
-        """The pruned heads to consider, most deserving first."""
-        pruned = set(self._gates.pruned_heads())
+        """The pruned heads to consider, most deserving first: none of a layer whose key/value heads were merged
+        since (``KeyValueMerging``), which would no longer split into equal groups."""
+        merged = self._gates.merged_layers().tolist()
+        pruned = {pair for pair in self._gates.pruned_heads() if not merged[pair[0]]}
         if self.reactivate == "last":
             return [pair for pair in self.last_pruned if pair in pruned]
         importance = self._gates.importance_at_pruning.cpu()  # [L, H], NaN where unknown

@@ -24,7 +24,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 from rich.table import Table
 
-from sentinel_lightning.callbacks import DivergenceGuard, GateMonitor, HeadMetrics, HeadPruning, HeadReactivation
+from sentinel_lightning.callbacks import (
+    DivergenceGuard,
+    GateMonitor,
+    HeadMetrics,
+    HeadPruning,
+    HeadReactivation,
+    KeyValueMerging,
+)
 from sentinel_lightning.cli.configs import resolve_config_arguments
 from sentinel_lightning.data import LanguageModelingDataModule
 from sentinel_lightning.gates import find_gates
@@ -68,6 +75,7 @@ class SentinelCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(HeadMetrics, "metrics")
         parser.add_lightning_class_args(HeadPruning, "pruning")
+        parser.add_lightning_class_args(KeyValueMerging, "merging")
         parser.add_lightning_class_args(HeadReactivation, "reactivation")
         parser.add_lightning_class_args(GateMonitor, "gate_monitor")
         parser.add_lightning_class_args(DivergenceGuard, "divergence")
