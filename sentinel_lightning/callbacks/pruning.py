@@ -10,8 +10,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from sentinel_lightning.callbacks.divergence import divergence_error, nonfinite_parameters
+from sentinel_lightning.callbacks.divergence import divergence_error
 from sentinel_lightning.callbacks.head_metrics import HeadMetrics
+from sentinel_lightning.checks import nonfinite_parameters
 from sentinel_lightning.events import HeadEvent, find_callback, notify_head_event
 from sentinel_lightning.families import family_of
 from sentinel_lightning.gates import HeadGates, find_causal_lm, find_or_attach_gates
