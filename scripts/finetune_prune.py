@@ -3,9 +3,9 @@
 Every setting left out comes from the CLI's job defaults (``sentinel_lightning.cli.fit``: ``TRAINER_DEFAULTS``,
 ``JOB_DEFAULTS`` and the callbacks' class defaults), so this is the same run by construction.
 
-    python scripts/finetune_prune.py                                  # embedded SmolLM2-135M, gradient pruning
+    python scripts/finetune_prune.py                # embedded SmolLM2-135M, JOB_DEFAULTS' recipe (--help shows it)
     python scripts/finetune_prune.py --strategy entropy --epochs 6 --train-batches 50
-    python scripts/finetune_prune.py --quick                          # a tiny model, for the tests
+    python scripts/finetune_prune.py --quick        # a tiny model, for the tests
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 
 from sentinel_lightning.callbacks.pruning import DEFAULT_SCHEDULE, DEFAULT_STRATEGY
 from sentinel_lightning.cli.fit import JOB_DEFAULTS, TRAINER_DEFAULTS, run_fit
+from sentinel_lightning.strategies import STRATEGIES
 from sentinel_lightning.tiny import save_tiny_model
 
 QUICK_MODEL_FOLDER = "quick_model"
@@ -35,14 +36,17 @@ CLI_OPTIONS = {
     "learning_rate": "model.learning_rate",
     "log_dir": "trainer.default_root_dir",
 }
+# What the job runs when an option is left out: its own setting, else the callback's class default.
+JOB_STRATEGY = JOB_DEFAULTS.get("pruning.strategy", DEFAULT_STRATEGY)
+JOB_SCHEDULE = JOB_DEFAULTS.get("pruning.schedule", DEFAULT_SCHEDULE)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The script's options; each defaults to None, meaning the CLI's default (shown in the help)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="hub name or local path; default: the embedded model")
-    parser.add_argument("--strategy", choices=["entropy", "gradient", "random"], help=f"default: {DEFAULT_STRATEGY}")
-    parser.add_argument("--schedule", help=f"JSON: epoch -> fraction; default: {json.dumps(DEFAULT_SCHEDULE)}")
+    parser.add_argument("--strategy", choices=sorted(STRATEGIES), help=f"default: {JOB_STRATEGY}")
+    parser.add_argument("--schedule", help=f"JSON: epoch -> fraction; default: {json.dumps(JOB_SCHEDULE)}")
     parser.add_argument("--epochs", type=int, help=f"default: {TRAINER_DEFAULTS['max_epochs']}")
     parser.add_argument(
         "--train-batches", type=int,

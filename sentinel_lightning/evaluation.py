@@ -1,16 +1,15 @@
 """Evaluating a (pruned) causal LM: perplexity, generation speed and the quality of generated text.
 
-``evaluate`` measures all three for a model, or for a ``GatedLanguageModel`` checkpoint before and after its
-pruning, and returns them as a dict; the ``sentinel-lightning evaluate`` subcommand (``sentinel_lightning.cli``)
-prints that dict as a table. Perplexity follows the library's one measurement contract, ``metrics.causal_lm_nll``.
+Every measurement takes the model and its batches: ``evaluate`` measures all three for a model, or for a gated
+model before and after its pruning, and returns them as a dict. The ``sentinel-lightning evaluate`` subcommand
+(``cli.evaluate``) loads the model and builds the data, then prints that dict as a table. Perplexity follows the
+library's one measurement contract, ``metrics.causal_lm_nll``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import re
 import statistics
 import time
@@ -18,7 +17,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from sentinel_lightning.gates import find_causal_lm, find_gates
 from sentinel_lightning.metrics import causal_lm_nll
@@ -206,110 +205,47 @@ def evaluate_model(
     return result
 
 
-def load_for_evaluation(
-    model: str | None = None, ckpt_path: str | None = None, gguf_file: str | None = None, tokenizer: str | None = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The causal LM to evaluate (a checkpoint's gated model, or ``model``) and its tokenizer; see ``evaluate``."""
-    from sentinel_lightning.module import GatedLanguageModel
-    from sentinel_lightning.pretrained import load_causal_lm, load_tokenizer
-
-    module = None
-    if ckpt_path is not None:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(
-                f"ckpt_path={ckpt_path!r} is not a file; give a GatedLanguageModel checkpoint (.ckpt)."
-            )
-        module = GatedLanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu")
-    causal_lm = load_causal_lm(model, gguf_file) if module is None else module.model
-    if tokenizer is not None:
-        return causal_lm, load_tokenizer(tokenizer)
-    if model is not None or module is None:
-        return causal_lm, load_tokenizer(model, gguf_file)
-    # The tokenizer of the model the checkpoint was trained from.
-    return causal_lm, load_tokenizer(module.hparams.get("model"), module.hparams.get("gguf_file"))
-
-
-def validation_loader(
-    tokenizer: PreTrainedTokenizerBase, data_files: list[str] | None, block_size: int, batch_size: int, cache: bool
-) -> Iterable[dict[str, torch.Tensor]]:
-    """Validation batches (``input_ids``, ``attention_mask``, ``labels``, each ``[batch, block_size]``).
-
-    From ``data_files`` when given, else from the validation split of the embedded corpus.
-    """
-    from sentinel_lightning.data import LanguageModelingDataModule
-
-    source = dict(source="text", train_files=data_files, val_files=data_files) if data_files else {}
-    data = LanguageModelingDataModule(
-        tokenizer=tokenizer, block_size=block_size, batch_size=batch_size, cache=cache, **source
-    )
-    data.setup()
-    return data.val_dataloader()
-
-
 def evaluate(
-    model: str | None = None,
-    ckpt_path: str | None = None,
-    gguf_file: str | None = None,
-    tokenizer: str | None = None,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    dataloader: Iterable[dict[str, torch.Tensor]],
     prompt: str = DEFAULT_PROMPT,
     num_tokens: int = 50,
     num_runs: int = 3,
-    block_size: int = 256,
-    batch_size: int = 4,
-    max_batches: int | None = 6,
-    data_files: list[str] | None = None,
-    cache: bool = True,
+    max_batches: int | None = None,
     num_threads: int | None = None,
-    device: str = "cpu",
-    output_file: str | None = None,
-) -> dict:
-    """Measures perplexity, generation speed and text quality of a model, or of a checkpoint before and after pruning.
+) -> dict[str, dict]:
+    """Perplexity, generation speed and text quality of a model, or of a gated model before and after its pruning.
 
-    For a ``GatedLanguageModel`` checkpoint there are two columns: ``"before"`` (the same weights with every
-    pruned gate reactivated to the value it had when pruned) and ``"after"`` (the gates as saved). For a plain
-    model there is one column, ``"model"``.
+    A gated model gets two columns: ``"after"`` (the gates as they are) and ``"before"`` (every pruned head given
+    back the gate value it had when pruned); its gates are restored afterwards. A model without gates gets one
+    column, ``"model"``.
 
     Args:
-        model: Hub name or local path of a causal LM to evaluate; None means the embedded default
-            (SmolLM2-135M-Instruct). With ``ckpt_path`` it only chooses the tokenizer.
-        ckpt_path: A ``GatedLanguageModel`` checkpoint (``.ckpt``) to evaluate before and after its pruning.
-        gguf_file: GGUF file inside ``model``'s folder, when the weights come from one.
-        tokenizer: Tokenizer name or path; None means ``model``'s, or the checkpoint's model's.
-        prompt: Text that generation continues (speed and text quality).
-        num_tokens: New tokens generated in every timed generation run.
-        num_runs: Timed generation runs (the median speed is reported).
-        block_size: Tokens per perplexity block.
-        batch_size: Blocks per perplexity batch.
-        max_batches: Perplexity uses at most this many validation batches; None uses them all.
-        data_files: Local text files to measure perplexity on; None means the validation split of the
-            embedded corpus (the Python Language Reference).
-        cache: Whether the tokenised perplexity blocks are cached on disk (see ``LanguageModelingDataModule``).
-        num_threads: Torch CPU threads while generating; None keeps the current setting.
-        device: Device to evaluate on (``"cpu"``, ``"cuda"``, ...).
-        output_file: A JSON file to write the results to; None writes none.
+        model: A Hugging Face causal LM (gated or not) or a ``GatedLanguageModel``.
+        tokenizer: The model's tokenizer.
+        dataloader: The perplexity batches (see ``perplexity``).
+        prompt, num_tokens, num_runs, num_threads: Generation speed and text quality (see
+            ``measure_inference_speed``).
+        max_batches: Perplexity uses at most this many batches; None uses them all.
 
     Returns:
         ``{column: {"perplexity", "tokens_per_second", "tokens_per_second_runs", "lexical_diversity",
         "repetition_score", "num_words", "text", and for gated models "active_heads", "total_heads",
-        "sparsity"}}`` with columns ``"before"`` and ``"after"`` for a checkpoint, ``"model"`` otherwise.
+        "sparsity"}}``.
     """
-    evaluated, loaded_tokenizer = load_for_evaluation(model, ckpt_path, gguf_file, tokenizer)
-    evaluated = evaluated.to(device)
-    loader = validation_loader(loaded_tokenizer, data_files, block_size, batch_size, cache)
 
     def run() -> dict:
-        return evaluate_model(
-            evaluated, loaded_tokenizer, loader, prompt, num_tokens, num_runs, max_batches, num_threads
-        )
+        return evaluate_model(model, tokenizer, dataloader, prompt, num_tokens, num_runs, max_batches, num_threads)
 
-    if ckpt_path is None:
-        results = {"model": run()}
-    else:
-        gates = find_gates(evaluated)
-        after = run()
-        gates.reactivate(gates.pruned_heads())
-        results = {"before": run(), "after": after}
-    if output_file is not None:
-        with open(output_file, "w") as file:
-            json.dump(results, file, indent=1)
-    return results
+    gates = find_gates(model)
+    if gates is None:
+        return {"model": run()}
+    after = run()
+    pruned_state = {name: value.clone() for name, value in gates.state_dict().items()}
+    gates.reactivate(gates.pruned_heads())
+    try:
+        before = run()
+    finally:
+        gates.load_state_dict(pruned_state)
+    return {"before": before, "after": after}

@@ -37,7 +37,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from sentinel_lightning import families, pruned_modeling
-from sentinel_lightning.callbacks.divergence import nonfinite_parameters
+from sentinel_lightning.checks import describe_nonfinite, nonfinite_parameters
 from sentinel_lightning.compaction import compact
 from sentinel_lightning.gates import find_causal_lm, find_gates
 from sentinel_lightning.pruned_modeling import rebuild_layers, stock_describes
@@ -168,9 +168,8 @@ def check_finite(model: nn.Module, what: str) -> None:
     names = nonfinite_parameters(model)
     if names:
         raise ValueError(
-            f"{what} holds non-finite (NaN or infinite) values in {len(names)} weight or gate tensor(s) "
-            f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); nothing was saved. A diverged run: "
-            "save an earlier or its best checkpoint."
+            f"{what} holds {describe_nonfinite(names)}; nothing was saved. A diverged run: save an earlier or its "
+            "best checkpoint."
         )
 
 

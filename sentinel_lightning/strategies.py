@@ -2,10 +2,12 @@
 
 A strategy maps the metrics (``{"entropy", "sink_mass", "rest_entropy", "grad_norm", "example_importance",
 "compensated_importance", "active": [L, H], ...}``, see ``metrics.HeadStatistics``) to a score ``[L, H]``; the
-heads with the highest scores are pruned first. ``select_heads`` then picks whole units (a query head, a key/value
-group or a layer) under the scope and the per-layer minimum, never choosing a head that is already pruned,
-protected, or scored NaN or infinite. Everything here is a pure function of tensors; the model's group size
-``G`` comes from the family registry (``families.family_of(model).group_size(model.config)``).
+heads with the highest scores are pruned first. A score reads ``HeadMetrics``' measurements unless it declares
+``needs_head_metrics = False`` (``needs_head_metrics``), which ``HeadPruning`` checks at setup. ``select_heads``
+then picks whole units (a query head, a key/value group or a layer) under the scope and the per-layer minimum,
+never choosing a head that is already pruned, protected, or scored NaN or infinite. Everything here is a pure
+function of tensors; the model's group size ``G`` comes from the family registry
+(``families.family_of(model).group_size(model.config)``).
 """
 
 from __future__ import annotations
@@ -84,8 +86,19 @@ def lowest_entropy_score(metrics: Metrics) -> torch.Tensor:
     return -metrics["entropy"].float()
 
 
+def needs_head_metrics(score: Strategy) -> bool:
+    """Whether ``score`` reads ``HeadMetrics``' measurements: its ``needs_head_metrics`` attribute, else True.
+
+    A callable strategy that reads only ``metrics["active"]`` sets ``score.needs_head_metrics = False`` to run
+    without a ``HeadMetrics`` callback; any other would fail at its first pruning without one.
+    """
+    return bool(getattr(score, "needs_head_metrics", True))
+
+
 class RandomScore:
     """A seeded random score, identical on every process and every call with the same seed."""
+
+    needs_head_metrics = False  # reads only the shape of the metrics
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -105,8 +118,8 @@ STRATEGIES: dict[str, Callable[[int], Strategy]] = {
     "lowest_entropy": lambda seed: lowest_entropy_score,
     "random": lambda seed: RandomScore(seed),
 }
-# The strategies that read HeadMetrics' measurements (random needs none).
-METRIC_STRATEGIES = tuple(name for name in STRATEGIES if name != "random")
+# The registered strategies that read HeadMetrics' measurements (random needs none).
+METRIC_STRATEGIES = tuple(name for name, make in STRATEGIES.items() if needs_head_metrics(make(0)))
 
 
 def resolve_strategy(strategy: str | Strategy, seed: int = 0) -> Strategy:

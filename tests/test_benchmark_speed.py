@@ -1,26 +1,20 @@
 """The speed benchmark end to end on a tiny model (``--quick``), its options, scopes and multiply-add count."""
 
 import copy
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
 from conftest import VOCAB
+from scripts_loader import load_script
 
 from sentinel_lightning.compaction import compact
 from sentinel_lightning.gates import attach_gates
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "benchmark_speed.py")
-
 
 @pytest.fixture(scope="module")
 def speed_script():
-    spec = importlib.util.spec_from_file_location("benchmark_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_speed")
 
 
 def check_sizes(row, plain, contexts):

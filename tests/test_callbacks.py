@@ -199,11 +199,22 @@ def test_bad_arguments_fail_at_construction(make, message):
         (HeadPruning("random", min_active_heads_per_layer=5), "min_active_heads_per_layer=5 is larger than the 4"),
         (HeadPruning("random", {0: 0.9}, min_active_heads_per_layer=1), r"asks for 7 of 8 heads.*only 6 prunable"),
         (HeadPruning("entropy", {0: 0.25}), "needs a HeadMetrics callback"),
+        (HeadPruning(lambda metrics: -metrics["entropy"], {0: 0.25}), "strategy='<lambda>'.* needs a HeadMetrics"),
     ],
 )
 def test_model_dependent_arguments_fail_before_training(pruning, message):
     with pytest.raises(ValueError, match=message):
         fit([pruning], epochs=1)
+
+
+def test_a_callable_strategy_that_declares_no_head_metrics_prunes_without_them():
+    def first_heads(metrics):
+        return -torch.arange(metrics["active"].numel(), dtype=torch.float).reshape(metrics["active"].shape)
+
+    first_heads.needs_head_metrics = False
+    pruning = HeadPruning(first_heads, {0: 0.25})
+    fit([pruning], epochs=1)
+    assert pruning.events[0].heads == [(0, 0), (0, 1)]
 
 
 def test_trainer_free_measurement_uses_the_same_estimators_as_head_metrics():

@@ -1,3 +1,4 @@
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -7,11 +8,12 @@ import yaml
 from conftest import assert_job_defaults
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from sentinel_lightning import load_pruned
-from sentinel_lightning.callbacks.pruning import DEFAULT_SCHEDULE, DEFAULT_STRATEGY
+from sentinel_lightning import GatedLanguageModel, LanguageModelingDataModule, load_pruned
+from sentinel_lightning.callbacks import DivergenceGuard, GateMonitor, HeadMetrics, HeadPruning, HeadReactivation
 from sentinel_lightning.cli import main
-from sentinel_lightning.cli.configs import packaged_configs
-from sentinel_lightning.cli.fit import JOB_DEFAULTS, TRAINER_DEFAULTS
+from sentinel_lightning.cli.configs import packaged_configs, resolve_config
+from sentinel_lightning.cli.fit import JOB_DEFAULTS, SEED, TRAINER_DEFAULTS, SentinelCLI
+from sentinel_lightning.events import find_callback
 from sentinel_lightning.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,10 +64,20 @@ def test_fit_from_a_yaml_config_then_validate_the_checkpoint(tmp_path, tiny_mode
     assert "before" in report and "after" in report and "perplexity" in report
 
 
-def test_strategy_configs_and_bad_values_are_checked(tmp_path, tiny_model_dir):
-    for name in ("entropy", "gradient", "random"):
-        overrides = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
-        assert overrides["pruning"]["strategy"] == name
+@pytest.mark.parametrize("name", ["entropy", "gradient", "random"])
+def test_a_strategy_config_gives_the_job_a_pruning_callback_with_that_strategy(name, tiny_model_dir, tmp_path):
+    cli = SentinelCLI(
+        GatedLanguageModel, LanguageModelingDataModule, trainer_defaults=TRAINER_DEFAULTS,
+        seed_everything_default=SEED, run=False,
+        args=["--config", resolve_config(f"{name}.yaml"), f"--model.model={tiny_model_dir}",
+              f"--trainer.default_root_dir={tmp_path}"],
+    )
+    pruning = find_callback(cli.trainer, HeadPruning)
+    assert pruning.strategy_name == name
+    assert pruning.schedule == JOB_DEFAULTS["pruning.schedule"]  # every other setting as in the default job
+
+
+def test_bad_schedule_values_are_checked(tmp_path, tiny_model_dir):
     config = write_config(tmp_path, tiny_model_dir, pruning={"strategy": "random", "schedule": {0: 1.5}})
     with pytest.raises(ValueError, match=r"target 1.5"):
         main(["fit", "--config", str(config)])
@@ -107,13 +119,26 @@ def test_an_unknown_config_name_errors_with_the_packaged_names(tmp_path, monkeyp
     assert all(f"{name}.yaml" in message for name in ("default", "entropy", "gradient", "random"))
 
 
+CALLBACK_GROUPS = {
+    "metrics": HeadMetrics, "pruning": HeadPruning, "reactivation": HeadReactivation, "gate_monitor": GateMonitor,
+    "divergence": DivergenceGuard,
+}
+
+
 def test_the_job_defaults_come_from_one_place(capsys):
     assert set(packaged_configs()) == {"default", "entropy", "gradient", "random"}
     printed = _printed_in_process(capsys)
-    assert DEFAULT_STRATEGY == "gradient"  # the callback's own default; the job states its recipe in JOB_DEFAULTS
     assert_job_defaults(printed)
-    if "pruning.schedule" not in JOB_DEFAULTS:
-        assert {int(epoch): target for epoch, target in printed["pruning"]["schedule"].items()} == DEFAULT_SCHEDULE
     assert {key: printed["trainer"][key] for key in TRAINER_DEFAULTS} == TRAINER_DEFAULTS
-    # The packaged default.yaml is exactly the built-in default.
-    assert yaml.safe_load((CONFIGS / "default.yaml").read_text()) == printed
+    # Every other callback setting is the class's own default.
+    for group, callback in CALLBACK_GROUPS.items():
+        for name, parameter in inspect.signature(callback).parameters.items():
+            if f"{group}.{name}" not in JOB_DEFAULTS:
+                assert printed[group][name] == parameter.default, f"{group}.{name}"
+    # The packaged default.yaml states exactly these defaults, and running with it is running without a config.
+    stated = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    assert stated.pop("trainer") == TRAINER_DEFAULTS and stated.pop("seed_everything") == SEED
+    assert {f"{group}.{name}": value for group, values in stated.items() for name, value in values.items()} == (
+        JOB_DEFAULTS
+    )
+    assert _printed_in_process(capsys, "--config", "default.yaml") == printed

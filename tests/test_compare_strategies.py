@@ -1,11 +1,8 @@
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
-
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "compare_strategies.py")
+from scripts_loader import SCRIPTS, load_script
 
 
 def identical(first: torch.Tensor, second: torch.Tensor) -> bool:
@@ -13,15 +10,8 @@ def identical(first: torch.Tensor, second: torch.Tensor) -> bool:
     return first.shape == second.shape and bool(((first == second) | (first.isnan() & second.isnan())).all())
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("compare_strategies", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_quick_comparison_writes_every_strategy_and_level(tmp_path):
-    script = load_script()
+    script = load_script("compare_strategies")
     output = tmp_path / "out"
     results = script.main(["--quick", "--strategies", "entropy", "gradient", "random", "--output-dir", str(output)])
 
@@ -49,7 +39,7 @@ def test_quick_comparison_writes_every_strategy_and_level(tmp_path):
 
 
 def test_recovery_steps_fine_tune_a_copy_with_frozen_gates(tmp_path):
-    script = load_script()
+    script = load_script("compare_strategies")
     output = tmp_path / "recovered"
     results = script.main([
         "--quick", "--recovery-steps", "2", "--levels", "0.0", "0.5", "--strategies", "gradient", "random",
@@ -72,7 +62,7 @@ def test_recovery_steps_fine_tune_a_copy_with_frozen_gates(tmp_path):
 
 
 def test_bad_arguments_name_the_option(capsys):
-    script = load_script()
+    script = load_script("compare_strategies")
     with pytest.raises(SystemExit):
         script.parse_args(["--levels", "1.5"])
     assert "--levels contains 1.5" in capsys.readouterr().err
@@ -82,9 +72,8 @@ def test_bad_arguments_name_the_option(capsys):
 
 
 def test_the_script_is_thin_over_the_package():
-    script = load_script()
-    with open(SCRIPT) as file:
-        source = file.read()
+    script = load_script("compare_strategies")
+    source = (SCRIPTS / "compare_strategies.py").read_text()
     assert not hasattr(script, "tiny_llama") and "LlamaConfig" not in source  # the package's tiny model
     assert "causal_lm_token_losses" not in source and "log_softmax" not in source  # no evaluation of its own
     # Gates change only through gates.prune and gates.reactivate.
@@ -97,7 +86,7 @@ def test_the_script_is_thin_over_the_package():
 
 
 def test_compensated_runs_prune_the_same_heads_and_write_their_mean_outputs(tmp_path):
-    results = load_script().main([
+    results = load_script("compare_strategies").main([
         "--quick", "--strategies", "gradient", "attention_sink", "--compensate", "gradient", "--compensate-linear",
         "gradient", "--seeds", "0", "--output-dir", str(tmp_path),
     ])

@@ -20,7 +20,7 @@ from sentinel_lightning import (
     HeadPruning,
     HeadReactivation,
 )
-from sentinel_lightning.callbacks.divergence import nonfinite_parameters
+from sentinel_lightning.checks import nonfinite_parameters
 from sentinel_lightning.cli import EXIT_DIVERGED, main
 from sentinel_lightning.gates import find_causal_lm
 from sentinel_lightning.metrics import HeadStatistics, PerHeadMean
@@ -239,3 +239,18 @@ def test_every_ddp_rank_stops_when_one_rank_diverges():
     )
     with pytest.raises(Exception, match=r"Training diverged: the training loss is (nan|non-finite on another process)"):
         trainer.fit(module, tiny_data())  # both ranks raise: neither waits for the other in backward
+
+
+def test_the_nonfinite_check_names_the_weights_and_gates_it_finds():
+    from sentinel_lightning.checks import SHOWN_NAMES, describe_nonfinite
+
+    model = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(SHOWN_NAMES + 1)))
+    assert nonfinite_parameters(model) == []
+    with torch.no_grad():
+        for layer in model:
+            layer.bias[0] = float("inf")
+    names = nonfinite_parameters(model)
+    assert names == [f"{index}.bias" for index in range(SHOWN_NAMES + 1)]
+    described = describe_nonfinite(names)
+    assert described.startswith(f"non-finite (NaN or infinite) values in {SHOWN_NAMES + 1} weight or gate tensor(s)")
+    assert f"{SHOWN_NAMES - 1}.bias, ...)" in described and f"{SHOWN_NAMES}.bias" not in described

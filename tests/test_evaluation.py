@@ -7,7 +7,7 @@ from conftest import byte_tokenizer, tiny_data, tiny_model, tiny_trainer
 
 from sentinel_lightning import GatedLanguageModel, evaluation
 from sentinel_lightning.cli import main
-from sentinel_lightning.cli.evaluate import evaluate
+from sentinel_lightning.cli.evaluate import evaluate, load_for_evaluation, validation_loader
 from sentinel_lightning.evaluation import measure_inference_speed, perplexity, text_quality
 
 EOS = 256
@@ -152,8 +152,10 @@ def test_the_library_evaluation_returns_and_the_cli_prints(tmp_path, capsys):
     tiny_model("gpt2").save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     options = dict(model=folder, num_tokens=4, num_runs=1, block_size=32, max_batches=1, cache=False)
+    model, tokenizer = load_for_evaluation(folder)  # the CLI loads the model and builds the data
+    loader = validation_loader(tokenizer, None, block_size=32, batch_size=4, cache=False)
     capsys.readouterr()
-    results = evaluation.evaluate(**options)
+    results = evaluation.evaluate(model, tokenizer, loader, num_tokens=4, num_runs=1, max_batches=1)
     assert list(results) == ["model"] and results["model"]["perplexity"] > 1.0
     assert capsys.readouterr().out == ""  # library modules never print
     assert not hasattr(evaluation, "print_results") and not hasattr(evaluation, "unwrap_model")
@@ -161,3 +163,17 @@ def test_the_library_evaluation_returns_and_the_cli_prints(tmp_path, capsys):
     main(["evaluate", *(f"--{name}={value}" for name, value in options.items())])
     printed = capsys.readouterr().out
     assert "Evaluation of" in printed and "perplexity" in printed and "model continuation" in printed
+
+
+def test_evaluating_a_gated_model_before_its_pruning_leaves_its_gates_as_they_were():
+    module = GatedLanguageModel(tiny_model("llama"))
+    module.gates.prune([(0, 1), (1, 3)])
+    state = {name: value.clone() for name, value in module.gates.state_dict().items()}
+    data = tiny_data(block_size=32, batch_size=2)
+    data.setup()
+    results = evaluation.evaluate(module, byte_tokenizer(), data.val_dataloader(), num_tokens=2, num_runs=1,
+                                  max_batches=1)
+    assert results["before"]["active_heads"] == 8 and results["after"]["active_heads"] == 6
+    assert results["before"]["perplexity"] != results["after"]["perplexity"]
+    for name, value in module.gates.state_dict().items():
+        torch.testing.assert_close(value, state[name], rtol=0, atol=0, equal_nan=True, msg=name)

@@ -1,15 +1,11 @@
-import importlib.util
 import json
 import statistics
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "measure_callback_overhead.py"
+from scripts_loader import load_script
 
 
 def test_overhead_script_writes_its_measurements(tmp_path):
-    spec = importlib.util.spec_from_file_location("measure_callback_overhead", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("measure_callback_overhead")
     result = script.main(["--quick", "--output-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "callback_overhead.json").read_text())
     assert saved == result and saved["step_seconds"] > 0 and saved["entropy_step_seconds"] > 0
@@ -21,9 +17,7 @@ def test_overhead_script_writes_its_measurements(tmp_path):
 
 
 def test_overhead_script_measures_the_distillation_teacher(tmp_path):
-    spec = importlib.util.spec_from_file_location("measure_callback_overhead", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("measure_callback_overhead")
     result = script.main(["--quick", "--distillation", "--output-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "distillation_overhead.json").read_text())
     assert saved == result and saved["step_seconds"] > 0 and saved["distilled_step_seconds"] > 0

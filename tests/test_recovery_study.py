@@ -1,19 +1,10 @@
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "recovery_study.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("recovery_study", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+from scripts_loader import load_script
 
 
 def test_schedules_end_at_the_target_in_three_steps():
-    script = load_script()
+    script = load_script("recovery_study")
     assert json.loads(script.schedule_for(0.3)) == {"0": 0.15, "1": 0.3}  # the job's two steps
     assert json.loads(script.schedule_for(0.3, steps=3)) == {"0": 0.1, "1": 0.2, "2": 0.3}
     planned = script.runs([0.5], ["plain", "both"])
@@ -23,7 +14,7 @@ def test_schedules_end_at_the_target_in_three_steps():
 
 
 def test_quick_study_compares_every_run_with_the_dense_fine_tune(tmp_path):
-    results = load_script().main(["--quick", "--targets", "0.5", "--variants", "plain", "compensation",
+    results = load_script("recovery_study").main(["--quick", "--targets", "0.5", "--variants", "plain", "compensation",
                                   "--output-dir", str(tmp_path)])
     runs = results["runs"]
     assert list(runs) == ["dense", "plain 50%", "compensation 50%"]

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from sentinel_lightning.strategies import (
+    STRATEGIES,
     RandomScore,
+    needs_head_metrics,
     pruning_step,
     reachable_count,
     resolve_strategy,
@@ -51,6 +53,17 @@ def test_random_is_seeded_and_custom_callables_are_used():
     assert torch.equal(first, again) and not torch.equal(first, other) and first.shape == (2, 3)
     custom = resolve_strategy(lambda metrics: -metrics["entropy"])
     assert select_heads(custom(METRICS), ALL, 1) == [(1, 0)]
+
+
+def test_a_strategy_reads_head_metrics_unless_it_declares_otherwise():
+    assert not needs_head_metrics(RandomScore(0)) and needs_head_metrics(lambda metrics: -metrics["entropy"])
+    assert all(needs_head_metrics(STRATEGIES[name](0)) for name in STRATEGIES if name != "random")
+
+    def by_position(metrics):
+        return torch.zeros(metrics["active"].shape)
+
+    by_position.needs_head_metrics = False
+    assert not needs_head_metrics(resolve_strategy(by_position))
 
 
 def test_bad_strategy_and_scope_are_named():

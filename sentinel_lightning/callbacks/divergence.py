@@ -19,16 +19,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from sentinel_lightning.checks import describe_nonfinite, nonfinite_parameters
+
 ACTIONS = ("raise", "skip")
 
 
 class DivergenceError(RuntimeError):
     """Training diverged: a loss, a monitored metric or the weights became NaN or infinite."""
-
-
-def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
-    """The names of ``module``'s parameters (the gates' values included) holding a NaN or an infinite value."""
-    return [name for name, parameter in module.named_parameters() if not torch.isfinite(parameter.detach()).all()]
 
 
 def _checkpoints(trainer: L.Trainer) -> str:
@@ -147,8 +144,7 @@ class DivergenceGuard(L.Callback):
                 )
         names = nonfinite_parameters(pl_module)
         if names:
-            shown = f"non-finite in {len(names)} parameter tensor(s) ({', '.join(names[:5])})"
-            raise divergence_error(trainer, "the model", shown, hint)
+            raise divergence_error(trainer, "the model", describe_nonfinite(names), hint)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -10,15 +10,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from sentinel_lightning.callbacks.divergence import divergence_error, nonfinite_parameters
+from sentinel_lightning.callbacks.divergence import divergence_error
 from sentinel_lightning.callbacks.head_metrics import HeadMetrics
+from sentinel_lightning.checks import nonfinite_parameters
 from sentinel_lightning.events import HeadEvent, find_callback, notify_head_event
 from sentinel_lightning.families import family_of
 from sentinel_lightning.gates import HeadGates, find_causal_lm, find_or_attach_gates
 from sentinel_lightning.reconstruction import linear_compensation
 from sentinel_lightning.strategies import (
-    METRIC_STRATEGIES,
     Strategy,
+    needs_head_metrics,
     prunable_per_layer,
     pruning_step,
     reachable_count,
@@ -188,9 +189,10 @@ class HeadPruning(L.Callback):
         if not callable(self.schedule):
             for epoch, target in self.schedule.items():
                 self._check_reachable(target, epoch)
-        if self.strategy_name in METRIC_STRATEGIES and find_callback(trainer, HeadMetrics) is None:
+        if needs_head_metrics(self.score) and find_callback(trainer, HeadMetrics) is None:
             raise ValueError(
-                f"HeadPruning(strategy={self.strategy_name!r}) needs a HeadMetrics callback in the same Trainer."
+                f"HeadPruning(strategy={self.strategy_name!r}) needs a HeadMetrics callback in the same Trainer (a "
+                "callable strategy that reads only metrics['active'] declares needs_head_metrics = False)."
             )
         head_metrics = find_callback(trainer, HeadMetrics)
         if self.compensate != "none" and head_metrics is None:

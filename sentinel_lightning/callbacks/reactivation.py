@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from sentinel_lightning.callbacks.divergence import check_finite_metric, divergence_error
+from sentinel_lightning.checks import nonfinite_parameters
 from sentinel_lightning.events import HeadEvent, HeadEventListener, notify_head_event
 from sentinel_lightning.gates import HeadGates, find_or_attach_gates
 
@@ -126,7 +127,7 @@ class HeadReactivation(HeadEventListener):
         """The monitored value; raises a ``DivergenceError`` when it or a gate is non-finite."""
         hint = "HeadReactivation takes no decision on a non-finite model."
         check_finite_metric(trainer, self.monitor, trainer.callback_metrics[self.monitor], hint)
-        if not torch.isfinite(self._gates.values.detach()).all():
+        if nonfinite_parameters(self._gates):
             raise divergence_error(trainer, "a gate value", "non-finite", hint)
         return float(trainer.callback_metrics[self.monitor])
 

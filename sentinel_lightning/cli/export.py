@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
-from sentinel_lightning.callbacks.divergence import nonfinite_parameters
+from sentinel_lightning.checks import describe_nonfinite, nonfinite_parameters
 from sentinel_lightning.compaction import (
     bytes_per_decoded_token,
     compact,
@@ -41,8 +41,8 @@ def load_checkpoint(ckpt_path: str):
     names = nonfinite_parameters(module)
     if names:
         raise ValueError(
-            f"ckpt_path={ckpt_path!r} holds non-finite (NaN or infinite) values in {len(names)} weight or gate "
-            f"tensor(s) ({', '.join(names[:5])}): the run diverged. Export its best checkpoint or an earlier one."
+            f"ckpt_path={ckpt_path!r} holds {describe_nonfinite(names)}: the run diverged. Export its best "
+            "checkpoint or an earlier one."
         )
     return module
 
