@@ -4,8 +4,12 @@ For every pruning unit (``head``, ``group``, ``layer``) at matched fractions of 
 0.67), the gradient strategy (``|dL/dgate|`` from ``measure_head_metrics`` on a few calibration blocks) chooses the
 heads with the package's ``select_heads``: ``scope="uniform"`` for ``head`` and ``group`` where a uniform shape
 reaches the fraction (to within half a layer of heads, the rounding the ``layer`` unit needs too), else
-``"global"``; ``"global"`` for ``layer``. The table notes the scope. Each configuration is the gated model pruned
-that way and its ``compact``-ed model. Per configuration the script reports:
+``"global"``; ``"global"`` for ``layer``. ``--unequal_fractions`` (default 0.3) adds single heads pruned with
+``scope="global"``, the layout of unequal key/value groups that fine-tuning with head pruning leaves, run in query
+slots (``pruned_modeling.QuerySlots``). The table notes the scope. Each configuration is the gated model pruned
+that way and its ``compact``-ed model. ``--model_dir FOLDER`` measures a saved folder instead (a real job's
+export, loaded with ``load_pruned``) against the plain model it came from (``--model``, default the embedded
+model). Per configuration the script reports:
 
 - parameters (``count_parameters``), weight bytes and key/value-cache bytes per token (``kv_cache_bytes_per_token``);
 - validation perplexity without fine-tuning (``evaluation.perplexity`` on the validation blocks of the embedded
@@ -23,17 +27,15 @@ model once, in an order that rotates and reverses from round to round. A speed-u
 compacted/plain ratio measured within each round, which cancels most of what other processes on a shared machine
 do to the timings.
 
-Two comparisons of the previous version are gone. The gated model is no longer timed (it computes every head; it
-ran at 0.97 to 0.99 of the plain model); it only checks perplexity. The model built by transformers from the
-compacted model's head counts (``direct``) is gone too: ``compact`` now builds its layers with the same functions
-that load a compacted config (``pruned_modeling.resize_attention``, ``rebuild_layers``; the stock attention for
-equal groups, ``key_value_indexed`` for unequal ones, no duplicated key/value heads), so such a model has exactly
-the compacted model's classes and shapes and the ratio measured only timing noise (within 3% in every row).
+The gated model is not timed (it computes every head); it only checks perplexity. ``compact`` builds its layers
+with the same functions that load a compacted config (``pruned_modeling.resize_attention``, ``rebuild_layers``),
+so a saved and reloaded model has the compacted model's classes and shapes.
 
 Usage::
 
     python scripts/benchmark_speed.py                 # the embedded default SmolLM2-135M-Instruct
     python scripts/benchmark_speed.py --model gpt2    # any supported causal LM
+    python scripts/benchmark_speed.py --model_dir pruned/   # a saved folder against the embedded default
     python scripts/benchmark_speed.py --quick         # a tiny model built from a config, for tests
 
 Writes ``<output_dir>/speed.json`` and ``<output_dir>/speed.md``.
@@ -49,6 +51,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
@@ -62,13 +65,14 @@ from sentinel_lightning.evaluation import perplexity
 from sentinel_lightning.families import family_of, head_shape
 from sentinel_lightning.gates import HeadGates, attach_gates
 from sentinel_lightning.metrics import measure_head_metrics
-from sentinel_lightning.pruned_modeling import key_value_indices, stock_describes
+from sentinel_lightning.pruned_modeling import equal_groups, key_value_indices, stock_describes
 from sentinel_lightning.strategies import UNITS, prunable_per_layer, reachable_count, resolve_strategy, select_heads
 from sentinel_lightning.tiny import tiny_model
 
 DEFAULTS = {  # (full run, --quick)
     "fractions": ([0.33, 0.67], [0.33, 0.67]),
     "units": (list(UNITS), list(UNITS)),
+    "unequal_fractions": ([0.3], [0.33]),
     "rounds": (5, 2),
     "warmup": (1, 0),
     "prefill_batch": (4, 2),
@@ -97,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     option("gguf_file", help="GGUF file inside --model's folder")
     option("fractions", type=float, nargs="+", help="shares of query heads pruned (default 0.33 0.67)")
     option("units", nargs="+", choices=UNITS, help="pruning units (default: head group layer)")
+    option("unequal_fractions", type=float, nargs="*", help="shares of query heads pruned one by one with the global "
+           "scope, leaving unequal key/value groups (default 0.3; none: leave out)")
+    option("model_dir", help="a folder saved by save_pruned / export: measure it against --model instead")
     option("rounds", "repeats", type=int, help="timed rounds; speed-ups are medians over rounds (default 5)")
     option("warmup", type=int, help="untimed rounds first (default 1)")
     option("prefill_batch", type=int, help="sequences per prefill pass (default 4)")
@@ -114,9 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, (full, quick) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, copy.copy(quick if args.quick else full))
-    for fraction in args.fractions:
-        if not 0.0 < fraction < 1.0:
-            parser.error(f"--fractions contains {fraction}; every fraction must lie in (0, 1).")
+    for name in ("fractions", "unequal_fractions"):
+        for fraction in getattr(args, name):
+            if not 0.0 < fraction < 1.0:
+                parser.error(f"--{name} contains {fraction}; every fraction must lie in (0, 1).")
+    if args.model_dir is not None and not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        parser.error(f"--model_dir {args.model_dir!r} holds no config.json; give a folder written by save_pruned.")
     for name in POSITIVE:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -230,15 +240,19 @@ def configurations(args: argparse.Namespace, plain: PreTrainedModel, scores: tor
     num_layers, num_heads, _ = head_shape(plain)
     group_size = family_of(plain).group_size(plain.config)
     all_active = torch.ones(num_layers, num_heads, dtype=torch.bool)
+    planned = [(unit, fraction, *unit_scope(unit, fraction, num_layers, num_heads, group_size))
+               for unit in args.units for fraction in args.fractions]
+    for fraction in args.unequal_fractions:
+        planned.append(("head", fraction, "global", reachable_count(
+            fraction * num_layers * num_heads, num_layers, num_heads, "head", "global", group_size)))
     entries = []
-    for unit in args.units:
-        for fraction in args.fractions:
-            scope, count = unit_scope(unit, fraction, num_layers, num_heads, group_size)
-            pruned = select_heads(scores, all_active, count, scope, None, None, unit, group_size)
-            entries.append({
-                "name": f"{unit}@{fraction:g}", "unit": unit, "fraction": fraction, "scope": scope, "pruned": pruned,
-                "sparsity": len(pruned) / (num_layers * num_heads),
-            })
+    for unit, fraction, scope, count in planned:
+        pruned = select_heads(scores, all_active, count, scope, None, None, unit, group_size)
+        name = f"{unit}@{fraction:g}" + ("" if scope == "uniform" or unit == "layer" else f" {scope}")
+        entries.append({
+            "name": name, "unit": unit, "fraction": fraction, "scope": scope, "pruned": pruned,
+            "sparsity": len(pruned) / (num_layers * num_heads),
+        })
     return entries
 
 
@@ -259,7 +273,8 @@ def multiply_adds(model: PreTrainedModel, batch: int, length: int) -> int:
     """Matmul multiply-adds of one forward pass over ``[batch, length]`` tokens.
 
     Every linear map (attention projections, MLP, LM head) costs ``in * out`` per token; attention scores and the
-    weighted sum of values cost ``2 * head_dim`` per query head and per (query, key) pair of the causal triangle,
+    weighted sum of values cost ``2 * head_dim`` per query head (per query slot, for a layer of unequal groups:
+    ``query_slots_per_layer``) and per (query, key) pair of the causal triangle,
     ``length * (length + 1) / 2`` pairs per sequence. Gates, norms, activations and embeddings are not counted.
     """
     tokens = batch * length
@@ -271,9 +286,17 @@ def multiply_adds(model: PreTrainedModel, batch: int, length: int) -> int:
             total += tokens * module.weight.shape[0] * module.weight.shape[1]
     _, _, head_dim = head_shape(model)
     pairs = batch * length * (length + 1) // 2
-    for num_heads, _ in per_layer_heads(model):
-        total += 2 * num_heads * head_dim * pairs
+    for num_slots in query_slots_per_layer(model):
+        total += 2 * num_slots * head_dim * pairs
     return total
+
+
+def query_slots_per_layer(model: PreTrainedModel) -> list[int]:
+    """The query heads each layer's attention computes: its kept heads, or ``k * g`` slots for unequal groups."""
+    indices = key_value_indices(model.config)
+    if indices is None:
+        return [heads for heads, _ in per_layer_heads(model)]
+    return [len(set(kv_index)) * max(Counter(kv_index).values(), default=0) for kv_index in indices]
 
 
 def sizes(model: PreTrainedModel, args: argparse.Namespace) -> dict:
@@ -285,11 +308,12 @@ def sizes(model: PreTrainedModel, args: argparse.Namespace) -> dict:
         "multiply_adds": multiply_adds(model, args.prefill_batch, args.prefill_length),
         "heads_per_layer": [heads for heads, _ in layout], "key_value_heads_per_layer": [kv for _, kv in layout],
         "stock_modules": stock_describes(model),
+        "equal_groups": all(equal_groups(kv_index) for kv_index in key_value_indices(model.config) or []),
     }
 
 
 def bytes_per_decoded_token(entry: dict, context: int) -> int:
-    """Bytes a decoded token moves at ``context`` tokens of cache: every weight once, plus the whole cache."""
+    """``compaction.bytes_per_decoded_token`` from an entry's sizes: every weight once, plus the whole cache."""
     return entry["weight_bytes"] + entry["kv_cache_bytes_per_token"] * context
 
 
@@ -384,12 +408,14 @@ def build_models(args: argparse.Namespace, plain: PreTrainedModel, data: dict) -
         name to the model to time; the entries hold sizes and perplexities (``perplexity_gated`` too for
         configurations).
     """
-    gated = copy.deepcopy(plain)
-    gates = attach_gates(gated)
-    scores = resolve_strategy("gradient")(measure_head_metrics(gated, data["calibration"]))  # [num_layers, num_heads]
     validation, batches = data["validation"], args.perplexity_batches
     log("perplexity of the plain model")
     plain_entry = {"name": "plain", **sizes(plain, args), "perplexity": perplexity(plain, validation, batches)}
+    if args.model_dir is not None:
+        return saved_folder(args, plain, plain_entry, validation)
+    gated = copy.deepcopy(plain)
+    gates = attach_gates(gated)
+    scores = resolve_strategy("gradient")(measure_head_metrics(gated, data["calibration"]))  # [num_layers, num_heads]
     models, entries = {"plain": plain}, configurations(args, plain, scores)
     for entry in entries:
         log(f"{entry['name']}: {len(entry['pruned'])} query heads pruned ({entry['scope']}), compacting, perplexity")
@@ -404,6 +430,28 @@ def build_models(args: argparse.Namespace, plain: PreTrainedModel, data: dict) -
             perplexity_relative_difference=difference, perplexity_agrees=difference <= PERPLEXITY_TOLERANCE,
         )
     return models, plain_entry, entries
+
+
+def saved_folder(args: argparse.Namespace, plain: PreTrainedModel, plain_entry: dict, validation) -> tuple:
+    """``build_models`` for ``--model_dir``: the saved folder as the one configuration (no gated model)."""
+    from sentinel_lightning.saving import load_pruned
+
+    log(f"loading {args.model_dir} and its perplexity")
+    kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+    folder = load_pruned(args.model_dir, **kwargs).to(torch.float32).eval()
+    num_layers, num_heads, _ = head_shape(plain)
+    if head_shape(folder)[0] != num_layers:
+        raise ValueError(f"--model_dir {args.model_dir!r} has {head_shape(folder)[0]} layers, --model {num_layers}: "
+                         "give the plain model it was pruned from.")
+    layout = sizes(folder, args)
+    kept = sum(layout["heads_per_layer"])
+    entry = {
+        "name": "saved", "unit": "saved", "scope": "uniform" if layout["stock_modules"] else "per-layer",
+        "fraction": 1 - kept / (num_layers * num_heads), "sparsity": 1 - kept / (num_layers * num_heads),
+        "pruned": [], **layout, "perplexity": perplexity(folder, validation, args.perplexity_batches),
+        "perplexity_gated": None, "perplexity_relative_difference": None, "perplexity_agrees": True,
+    }
+    return {"plain": plain, "saved": folder}, plain_entry, [entry]
 
 
 def speeds(args: argparse.Namespace, plain: dict, entries: list[dict], samples: dict) -> None:
@@ -481,7 +529,8 @@ def machine(threads: int, load_before: tuple[float, ...]) -> dict:
 
 def settings(args: argparse.Namespace, plain: PreTrainedModel, validation: Iterable) -> dict:
     """The options the run used, with the scoring strategy, attention implementation, dtype and validation size."""
-    names = ("fractions", "units", "rounds", "warmup", "prefill_batch", "prefill_length", "decode_contexts",
+    names = ("fractions", "units", "unequal_fractions", "model_dir", "rounds", "warmup", "prefill_batch",
+             "prefill_length", "decode_contexts",
              "decode_tokens", "calibration_blocks", "perplexity_batches", "quick")
     batches = len(validation) if args.perplexity_batches is None else min(len(validation), args.perplexity_batches)
     return {name: getattr(args, name) for name in names} | {
@@ -546,9 +595,10 @@ def tradeoff_table(results: dict, contexts: list[int]) -> list[str]:
         flag = "" if entry["perplexity_agrees"] else " (!)"
         speeds_ = " | ".join(f"{entry['decode_speedup'][str(S)]:.3f} ({entry['decode_bound'][str(S)]:.3f})"
                              for S in contexts)
+        gated = "-" if entry["perplexity_gated"] is None else f"{entry['perplexity_gated']:.3f}"
         lines.append(
             f"| {entry['unit']} | {entry['scope']} | {entry['sparsity']:.3f} | {entry['parameters']:,} | "
-            f"{entry['kv_cache_bytes_per_token']:,} | {entry['perplexity_gated']:.3f} / {entry['perplexity']:.3f}"
+            f"{entry['kv_cache_bytes_per_token']:,} | {gated} / {entry['perplexity']:.3f}"
             f"{flag} | {entry['prefill_speedup']:.3f} ({entry['prefill_bound']:.3f}) | {speeds_} |"
         )
     return lines

@@ -6,8 +6,8 @@ the active gates' values folded into the output projection (a head gated at 0.5 
 
 How each family's projections are cut and its attention module resized lives in ``families.py`` (one entry per
 family). Grouped-query families keep a key/value head while any query head of its group is kept, and never
-repeat one: a layer whose kept groups are unequal reads its key/value heads through an index
-(``pruned_modeling.KeyValueIndexAttention``), so the key/value projections and cache never grow and the
+repeat one: a layer whose kept groups are unequal runs its query heads in equal slots
+(``pruned_modeling.QuerySlots``), so the key/value projections and cache never grow and the
 parameter count drops with every pruned query head. A layer whose heads are all pruned gets a
 ``families.EmptyAttention``.
 
@@ -85,6 +85,15 @@ def kv_cache_bytes_per_token(model: nn.Module) -> int:
         kv_heads = [len(set(kv_index)) for kv_index in indices]
     numbers = sum(2 * count * head_dim if count else 2 for count in kv_heads)  # keys and values
     return numbers * torch.empty((), dtype=causal_lm.dtype).element_size()
+
+
+def bytes_per_decoded_token(model: nn.Module, context: int) -> int:
+    """Bytes one decoding step must read with ``context`` tokens cached: every weight once plus the whole cache.
+
+    The ratio of two models' values bounds how much faster one decodes than the other where decoding is limited
+    by memory traffic (batch 1, long contexts), which is how a smaller cache pays.
+    """
+    return weight_bytes(model) + kv_cache_bytes_per_token(model) * context
 
 
 # ----------------------------------------------------------------------------------------------------------------

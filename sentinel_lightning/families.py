@@ -318,6 +318,11 @@ class AttentionFamily:
                 names = () if isinstance(attention, EmptyAttention) else (self.output_projection,)
                 _give_biases(attention, names, reference)
 
+    def set_query_width(self, attention: nn.Module, num_heads: int) -> None:
+        """Makes a resized attention's forward split ``num_heads`` query heads off its fused projection (Phi-3);
+        ``pruned_modeling.place_query_slots`` calls it with the number of query slots."""
+        raise NotImplementedError(f"{self!r} has no fused query/key/value projection.")
+
     def _slice_kept(self, attention, kept, kv_sources, scale, head_dim) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{self!r} does not implement _slice_kept.")
 
@@ -455,8 +460,8 @@ class GroupedQueryFamily(SeparateProjectionsFamily):
     key/value heads are never repeated, so the key/value projections and cache only shrink. A layer whose kept
     groups stay equal (each kept key/value head read by the same number ``g`` of query heads) keeps the stock
     module with ``num_key_value_groups = g``. Kept groups of different sizes (say 3, 1 and 2 query heads) cannot
-    be expressed by one ``num_key_value_groups``: ``pruned_modeling.resize_attention`` then gives the layer an
-    attention that expands the key/value heads to the query heads by an index (``key_value_index``).
+    be expressed by one ``num_key_value_groups``: ``pruned_modeling.resize_attention`` then runs the layer's
+    query heads in equal slots (``pruned_modeling.QuerySlots``).
 
     What the stock forward does between the projections and the output projection is left to it: Qwen3's and
     Gemma 3's RMSNorms on each query and key head (weight ``[D]``, shared by the heads, so kept as it is),
@@ -539,7 +544,8 @@ class Phi3Family(GroupedQueryFamily):
     The fused projection is cut in place (its three sections' kept rows), never split into modules, so a uniform
     layout stays a stock Phi-3. The forward splits the query section at ``config.num_attention_heads * D`` and the
     key section at ``self.num_key_value_heads * D``: a resized layer gets both, its head count through a
-    ``LayerHeadCount`` in place of its ``config``. Its config cannot state an output bias (compaction then sets
+    ``LayerHeadCount`` in place of its ``config`` (with unequal kept groups, the number of query slots of its
+    ``pruned_modeling.QueryKeyValueSlots``). Its config cannot state an output bias (compaction then sets
     ``attention_output_bias`` and the folder ships its modeling code).
     """
 
@@ -571,7 +577,10 @@ class Phi3Family(GroupedQueryFamily):
         attention.qkv_proj = _linear(attention.qkv_proj, hidden, (num_heads + 2 * num_kv_heads) * head_dim)
         attention.o_proj = _linear(attention.o_proj, num_heads * head_dim, attention.o_proj.out_features)
         attention.num_key_value_heads = num_kv_heads
-        attention.num_key_value_groups = num_heads // num_kv_heads  # exact for equal groups only
+        attention.num_key_value_groups = num_heads // num_kv_heads  # equal groups; else see place_query_slots
+        self.set_query_width(attention, num_heads)
+
+    def set_query_width(self, attention: nn.Module, num_heads: int) -> None:
         attention.config = LayerHeadCount(attention.config, num_heads)
 
 

@@ -1,15 +1,18 @@
-"""The modeling of compacted models: per-layer head counts and key/value heads read through an index.
+"""The modeling of compacted models: per-layer head counts, and unequal key/value groups run in equal slots.
 
-Notation as in ``families.py``: ``h`` kept query heads and ``k`` kept key/value heads in one layer, ``D`` head
-dim, ``B`` batch, ``T`` new tokens, ``S`` tokens in the key/value cache.
+Notation as in ``families.py``: ``h`` kept query heads and ``k`` kept key/value heads in one layer, ``g`` the size
+of its largest kept group, ``D`` head dim, ``B`` batch, ``T`` new tokens, ``S`` tokens in the key/value cache.
 
 A compacted layer keeps query heads ``config.kept_heads[l]`` and key/value heads
 ``config.kept_key_value_heads[l]`` (original indices, no repeats); its ``i``-th kept query head reads kept
 key/value head ``config.key_value_index[l][i]``. When every kept key/value head is read by the same number of
-query heads (equal groups) the family's stock attention module expresses the layer. Otherwise the layer gets a
-``KeyValueIndexAttention``: the stock forward, except that after the key/value cache update the ``k`` key/value
-heads are expanded to the ``h`` query heads by that index, so the cache and the projections hold each key/value
-head once.
+query heads (equal groups) the family's stock attention module expresses the layer. Otherwise its query and
+output projections become ``QuerySlots`` / ``OutputSlots``: they hold the ``h`` kept heads only, and at run time
+place them into ``k * g`` slots of ``k`` equal groups (zero queries in the free slots, whose outputs are dropped
+before the output projection). The family's own attention forward then runs unchanged with
+``num_key_value_groups = g``, through whatever kernel the model uses, which reads the ``k`` cached key/value heads
+with its own grouped-query support (SDPA decodes without repeating them). So the cache and the projections hold
+each key/value head once, and no step does more work than the plain model's: ``k * g <= K * G = H``.
 
 ``rebuild_layers`` gives a model built from a compacted config these layers before the weights are loaded into
 it; ``saving.load_pruned`` uses it, and so does the modeling code ``save_pruned`` writes next to the weights.
@@ -20,129 +23,154 @@ This module is standalone: it imports only torch, transformers and ``.families``
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils.deprecation import deprecate_kwarg
 
 from .families import OUTPUT_BIAS_ATTRIBUTE, AttentionFamily, family_of
 
 
-class KeyValueIndexAttention:
-    """Mixin over a grouped-query family's attention class whose kept groups are unequal (see the module docstring).
+class QuerySlots(nn.Linear):
+    """The query projection of a layer whose kept groups are unequal: the ``h`` kept query heads in equal slots.
 
-    ``key_value_indexed`` makes the classes (``KeyValueIndexed<Stock>``) and converts modules. The forward is the
-    stock one of Llama, Mistral and Qwen2 (projections, rotary embeddings from the stock modeling module, cache
-    update with its keyword arguments, dispatch through ``ALL_ATTENTION_FUNCTIONS`` to eager, SDPA or flash,
-    sliding window, scaling, dropout) with ``num_key_value_groups = 1`` and the index expansion after the cache.
+    The weight holds the ``h`` kept heads only (``[h * D, C]``); the output puts head ``i`` into slot
+    ``slots[i]`` of ``k * g`` slots (``g`` the largest kept group) and zeros into the others, ``[B, T, h * D]`` ->
+    ``[B, T, k * g * D]``, so the family's own attention forward runs with ``num_key_value_groups = g`` and reads
+    slot ``s`` against key/value head ``s // g`` with the kernel's own grouped-query path.
 
     Attributes:
-        kv_index: Kept key/value head read by each kept query head, ``h`` entries in ``range(k)``.
+        slots: The slot of each kept query head, ``h`` entries in ``range(num_slots)``.
+        num_slots: ``k * g``.
     """
 
-    kv_index: tuple[int, ...]
-    _stock_class: type[nn.Module]
-    _apply_rotary: Callable
-    _eager_attention: Callable
+    slots: tuple[int, ...]
+    num_slots: int
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache=None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Maps ``hidden_states`` ``[B, T, C]`` to ``([B, T, C], attention weights or None)``, as the stock forward."""
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, T, h * D] -> [B, h, T, D]
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, T, k * D] -> [B, k, T, D]
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, k, T, D]
-        cos, sin = position_embeddings
-        query, key = self._apply_rotary(query, key, cos, sin)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)  # [B, k, S, D]
-        index = self._kv_index_on(key.device)  # [h]
-        key, value = key.index_select(1, index), value.index_select(1, index)  # [B, k, S, D] -> [B, h, S, D]
-        sliding_window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
-        if sliding_window is not None:  # Mistral and Qwen2 pass it; Llama has none
-            kwargs["sliding_window"] = sliding_window
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager_attention)
-        output, weights = interface(
-            self, query, key, value, attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
-        )
-        output = output.reshape(*input_shape, -1).contiguous()  # [B, T, h, D] -> [B, T, h * D]
-        return self.o_proj(output), weights
-
-    def _kv_index_on(self, device: torch.device) -> torch.Tensor:
-        """``kv_index`` as a tensor ``[h]`` on ``device`` (kept between calls; not part of the state dict)."""
-        index = self.__dict__.get("_kv_index_tensor")
-        if index is None or index.device != device:
-            index = torch.tensor(self.kv_index, dtype=torch.long, device=device)
-            self.__dict__["_kv_index_tensor"] = index
-        return index
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        heads = super().forward(hidden_states).unflatten(-1, (len(self.slots), -1))  # [B, T, h, D]
+        placed = heads.new_zeros(*heads.shape[:-2], self.num_slots, heads.shape[-1])  # [B, T, k * g, D]
+        return placed.index_copy(-2, _slot_index(self, heads.device), heads).flatten(-2)  # [B, T, k * g * D]
 
     def extra_repr(self) -> str:
-        return f"kv_index={list(self.kv_index)}"
-
-    def __reduce_ex__(self, protocol):
-        """Pickles and copies as ``KeyValueIndexed<Stock>``, a class made at run time (rebuilt from the stock one)."""
-        return _new_indexed, (self._stock_class,), self.__getstate__()
+        return f"{super().extra_repr()}, slots={list(self.slots)}, num_slots={self.num_slots}"
 
 
-_INDEXED_CLASSES: dict[type, type] = {}
+class OutputSlots(nn.Linear):
+    """The output projection matching ``QuerySlots``: gathers the ``h`` kept heads' slots, then projects.
+
+    Input ``[B, T, k * g * D]`` -> ``[B, T, h * D]`` -> ``[B, T, C]``; the weight holds the ``h`` kept heads only.
+    """
+
+    slots: tuple[int, ...]
+    num_slots: int
+
+    def forward(self, slotted: torch.Tensor) -> torch.Tensor:
+        heads = slotted.unflatten(-1, (self.num_slots, -1)).index_select(-2, _slot_index(self, slotted.device))
+        return super().forward(heads.flatten(-2))  # [B, T, h, D] -> [B, T, h * D] -> [B, T, C]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, slots={list(self.slots)}, num_slots={self.num_slots}"
 
 
-def _indexed_class(stock_class: type[nn.Module]) -> type[nn.Module]:
-    """``KeyValueIndexed<Stock>``: the ``KeyValueIndexAttention`` subclass of a family's attention class."""
-    if stock_class not in _INDEXED_CLASSES:
-        modeling = sys.modules[stock_class.__module__]  # the family's modeling module: its rotary and eager functions
-        members = {
-            "_stock_class": stock_class,
-            "_apply_rotary": staticmethod(modeling.apply_rotary_pos_emb),
-            "_eager_attention": staticmethod(modeling.eager_attention_forward),
-            "__module__": __name__,
-        }
-        name = f"KeyValueIndexed{stock_class.__name__}"
-        _INDEXED_CLASSES[stock_class] = type(name, (KeyValueIndexAttention, stock_class), members)
-    return _INDEXED_CLASSES[stock_class]
+class QueryKeyValueSlots(nn.Linear):
+    """``QuerySlots`` for a fused query/key/value projection (Phi-3's ``qkv_proj``): the query section in slots.
+
+    The weight holds the ``h`` kept query heads, then the ``k`` key and ``k`` value heads (``[(h + 2k) * D, C]``);
+    the output ``[B, T, (h + 2k) * D]`` -> ``[B, T, (k * g + 2k) * D]``, keys and values as they are.
+
+    Attributes:
+        slots: The slot of each kept query head, ``h`` entries in ``range(num_slots)``.
+        num_slots: ``k * g``.
+        num_kv_heads: ``k``.
+    """
+
+    slots: tuple[int, ...]
+    num_slots: int
+    num_kv_heads: int
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        fused = super().forward(hidden_states)  # [B, T, (h + 2k) * D]
+        head_dim = self.out_features // (len(self.slots) + 2 * self.num_kv_heads)
+        query, key_value = fused.split([len(self.slots) * head_dim, 2 * self.num_kv_heads * head_dim], dim=-1)
+        heads = query.unflatten(-1, (len(self.slots), head_dim))  # [B, T, h, D]
+        placed = heads.new_zeros(*heads.shape[:-2], self.num_slots, head_dim)  # [B, T, k * g, D]
+        placed = placed.index_copy(-2, _slot_index(self, heads.device), heads).flatten(-2)  # [B, T, k * g * D]
+        return torch.cat([placed, key_value], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, slots={list(self.slots)}, num_slots={self.num_slots}"
 
 
-def _new_indexed(stock_class: type[nn.Module]) -> nn.Module:
-    """An empty ``KeyValueIndexed<Stock>`` instance, for pickling and copying (state set afterwards)."""
-    indexed = _indexed_class(stock_class)
-    return indexed.__new__(indexed)
+def _slot_index(projection: QuerySlots | OutputSlots | QueryKeyValueSlots, device: torch.device) -> torch.Tensor:
+    """``projection.slots`` as a tensor ``[h]`` on ``device``, kept between calls (not part of the state dict)."""
+    index = projection.__dict__.get("_slot_tensor")
+    if index is None or index.device != device:
+        index = torch.tensor(projection.slots, dtype=torch.long, device=device)
+        projection.__dict__["_slot_tensor"] = index
+    return index
 
 
-def key_value_indexed(attention: nn.Module, kv_index: list[int]) -> nn.Module:
-    """Turns a resized grouped-query attention module into a ``KeyValueIndexAttention`` of ``kv_index`` (in place).
+def query_slots(kv_index: list[int]) -> tuple[list[int], int]:
+    """Slots of the ``h`` kept query heads in ``k`` equal groups of the largest kept group size ``g``.
 
     Args:
-        attention: A Llama, Mistral or Qwen2 attention module (or one converted before) whose projections hold
-            ``h = len(kv_index)`` query and ``k = max(kv_index) + 1`` key/value heads.
-        kv_index: Kept key/value head read by each kept query head.
+        kv_index: Kept key/value head read by each kept query head, ascending (see the module docstring).
 
     Returns:
-        ``attention``, now of class ``KeyValueIndexed<Stock>``.
+        ``(slots, g)``: query head ``i`` goes into slot ``kv_index[i] * g + (its rank within its group)``.
     """
-    stock_class = getattr(attention, "_stock_class", type(attention))
-    modeling = sys.modules[stock_class.__module__]
-    if not all(hasattr(modeling, name) for name in ("apply_rotary_pos_emb", "eager_attention_forward")):
-        raise ValueError(f"{stock_class.__name__} is not a grouped-query attention that key/value indexing supports.")
-    attention.__class__ = _indexed_class(stock_class)
-    attention.kv_index = tuple(kv_index)
-    attention.__dict__.pop("_kv_index_tensor", None)  # made again from kv_index on the next forward
-    attention.num_key_value_groups = 1  # the index expands the key/value heads; repeat_kv must not
+    group_size = max(Counter(kv_index).values())
+    rank = Counter()
+    slots = []
+    for kv_head in kv_index:
+        slots.append(kv_head * group_size + rank[kv_head])
+        rank[kv_head] += 1
+    return slots, group_size
+
+
+def _as_slots(projection: nn.Linear, slot_class: type[nn.Linear], slots: list[int], num_slots: int) -> nn.Linear:
+    """Turns an ``nn.Linear`` (or a slot projection made before) into ``slot_class`` in place."""
+    projection.__class__ = slot_class
+    projection.slots, projection.num_slots = tuple(slots), num_slots
+    projection.__dict__.pop("_slot_tensor", None)  # made again from slots on the next forward
+    return projection
+
+
+def place_query_slots(family: AttentionFamily, attention: nn.Module, kv_index: list[int]) -> nn.Module:
+    """Gives a resized grouped-query attention module with unequal kept groups its query slots (in place).
+
+    Args:
+        family: The model's family (where the output projection is).
+        attention: An attention module of the family whose projections hold ``h = len(kv_index)`` query and
+            ``k = max(kv_index) + 1`` key/value heads: a ``q_proj`` (or Phi-3's fused ``qkv_proj``) and an output
+            ``nn.Linear``.
+        kv_index: Kept key/value head read by each kept query head, ascending.
+
+    Returns:
+        ``attention``, its ``q_proj`` a ``QuerySlots``, its output projection an ``OutputSlots`` and its
+        ``num_key_value_groups`` the largest kept group.
+    """
+    slots, group_size = query_slots(kv_index)
+    num_slots = (max(kv_index) + 1) * group_size
+    if isinstance(getattr(attention, "q_proj", None), nn.Linear):
+        _as_slots(attention.q_proj, QuerySlots, slots, num_slots)
+    elif isinstance(getattr(attention, "qkv_proj", None), nn.Linear):  # Phi-3: sliced in place, not split
+        _as_slots(attention.qkv_proj, QueryKeyValueSlots, slots, num_slots).num_kv_heads = max(kv_index) + 1
+        family.set_query_width(attention, num_slots)
+    else:
+        raise ValueError(f"{type(attention).__name__} has no q_proj or qkv_proj; unequal kept groups need one.")
+    _as_slots(family.output_projection_of(attention), OutputSlots, slots, num_slots)
+    attention.num_key_value_groups = group_size
     return attention
+
+
+def has_query_slots(attention: nn.Module) -> bool:
+    """Whether an attention module runs its kept query heads in slots (a layer of unequal kept groups)."""
+    query = getattr(attention, "q_proj", getattr(attention, "qkv_proj", None))
+    return isinstance(query, (QuerySlots, QueryKeyValueSlots))
 
 
 def equal_groups(kv_index: list[int]) -> bool:
@@ -163,13 +191,13 @@ def resize_attention(
         head_dim: ``D``.
 
     Returns:
-        The layer's attention module now: the stock module resized (equal groups), a ``KeyValueIndexAttention``
-        (unequal groups) or an ``EmptyAttention`` (no head kept).
+        The layer's attention module now: the stock module resized, with query slots when its groups are unequal
+        (``place_query_slots``), or an ``EmptyAttention`` (no head kept).
     """
     num_heads, num_kv_heads = len(kv_index), len(set(kv_index))
     attention = family.resize(family.attention_of(layer), layer_idx, num_heads, num_kv_heads, head_dim)
     if num_heads and not equal_groups(kv_index):
-        attention = key_value_indexed(attention, kv_index)
+        attention = place_query_slots(family, attention, kv_index)
     family.set_attention(layer, attention)
     return attention
 

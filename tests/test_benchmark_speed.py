@@ -50,8 +50,15 @@ def test_quick_benchmark_writes_json_and_markdown(speed_script, tmp_path):
     assert {"torch", "threads", "cores", "cpu"} <= set(saved["machine"]) and saved["machine"]["threads"] == 1
     contexts, plain = saved["settings"]["decode_contexts"], saved["plain"]
     assert contexts == [16, 64]
-    rows = {(row["unit"], row["fraction"]): row for row in saved["configurations"]}
+    rows = {(row["unit"], row["fraction"]): row for row in saved["configurations"] if row["scope"] != "global"
+            or row["unit"] == "layer"}
     assert set(rows) == {(unit, fraction) for unit in ("head", "group", "layer") for fraction in (0.33, 0.67)}
+    # Single heads pruned globally leave unequal groups: loaded through query slots, never more key/value heads.
+    unequal, = [row for row in saved["configurations"] if row["name"] == "head@0.33 global"]
+    assert not unequal["stock_modules"] and not unequal["equal_groups"]
+    assert unequal["sparsity"] == pytest.approx(9 / 27)
+    check_sizes(unequal, plain, contexts)
+    assert unequal["perplexity_agrees"]
     for (unit, fraction), row in rows.items():
         # 3 layers of 9 query heads in 3 groups: every unit reaches 1/3 and 2/3 exactly, uniformly where it can.
         assert row["scope"] == ("global" if unit == "layer" else "uniform")
@@ -70,7 +77,7 @@ def test_quick_benchmark_writes_json_and_markdown(speed_script, tmp_path):
     markdown = (tmp_path / "speed.md").read_text()
     assert "| unit | scope | query heads pruned | parameters | kv cache bytes/token |" in markdown
     assert "decode speed-up @64 (bound)" in markdown and "| model | prefill tokens/s |" in markdown
-    assert sum(line.startswith(("| head |", "| group |", "| layer |")) for line in markdown.splitlines()) == 6
+    assert sum(line.startswith(("| head |", "| group |", "| layer |")) for line in markdown.splitlines()) == 7
     assert markdown.rstrip().endswith(saved["trade_off"]) and saved["trade_off"].startswith("Trade-off")
 
 
@@ -129,7 +136,29 @@ def test_multiply_adds_of_the_quick_model(speed_script):
     assert speed_script.per_layer_heads(compacted) == [(6, 2), (8, 3), (0, 0)]
     attention = [2 * 144 * 96 + 2 * 144 * 32, 2 * 144 * 128 + 2 * 144 * 48, 0]
     per_token = sum(attention) + 3 * 3 * 144 * 288 + 144 * VOCAB
-    scores = 2 * (6 + 8) * 16 * pairs
+    assert speed_script.query_slots_per_layer(compacted) == [6, 9, 0]  # layer 1: groups of 3, 2, 3 in 3 x 3 slots
+    scores = 2 * (6 + 9) * 16 * pairs
     assert speed_script.multiply_adds(compacted, batch, length) == tokens * per_token + scores
     assert speed_script.sizes(compacted, speed_script.parse_args(["--quick"]))["stock_modules"] is False
     assert torch.equal(gates.active.sum(dim=1), torch.tensor([6, 8, 0]))
+
+
+def test_model_dir_measures_a_saved_folder_against_the_plain_model(speed_script, tmp_path):
+    from sentinel_lightning.saving import save_pruned
+
+    gated = speed_script.quick_model(None)
+    attach_gates(gated).prune([(0, 0), (0, 1), (0, 2), (1, 4), (2, 8)])  # a whole group, then unequal groups
+    save_pruned(gated, str(tmp_path / "pruned"))
+    arguments = ["--quick", "--threads", "1", "--rounds", "1", "--model_dir", str(tmp_path / "pruned"),
+                 "--output_dir", str(tmp_path / "out")]
+
+    results = speed_script.main(arguments)
+
+    saved, = results["configurations"]
+    assert saved["name"] == "saved" and saved["scope"] == "per-layer" and not saved["equal_groups"]
+    assert saved["sparsity"] == pytest.approx(5 / 27) and saved["perplexity_gated"] is None
+    assert saved["key_value_heads_per_layer"] == [2, 3, 3]
+    check_sizes(saved, results["plain"], results["settings"]["decode_contexts"])
+    assert "| saved | per-layer |" in (tmp_path / "out" / "speed.md").read_text()
+    with pytest.raises(SystemExit):
+        speed_script.parse_args(["--quick", "--model_dir", str(tmp_path)])  # no config.json there

@@ -22,7 +22,7 @@ from sentinel_lightning.families import (
     head_shape,
 )
 from sentinel_lightning.gates import attach_gates, find_gates
-from sentinel_lightning.pruned_modeling import KeyValueIndexAttention
+from sentinel_lightning.pruned_modeling import has_query_slots
 from sentinel_lightning.saving import load_pruned, save_pruned
 from sentinel_lightning.tiny import tiny_config
 
@@ -116,7 +116,7 @@ def test_compact_keeps_logits_and_generation(family, attn_implementation, tokens
     assert compacted.config.kept_key_value_heads == expected_kv
     expected_index = [[], [0, 1, 1], [0, 1]] if family in GROUPED else [[], [0, 1, 2], [0, 1]]
     assert compacted.config.key_value_index == expected_index
-    assert isinstance(attention_modules(compacted)[1], KeyValueIndexAttention) == (family in GROUPED)
+    assert has_query_slots(attention_modules(compacted)[1]) == (family in GROUPED)
     assert all(after <= before for after, before in zip(key_value_widths(compacted), key_value_widths(gated)))
     assert kv_cache_bytes_per_token(compacted) < kv_cache_bytes_per_token(gated)
     # The input is left as it was: still gated, same weights, same logits.
@@ -140,7 +140,10 @@ def test_unequal_groups_keep_logits_with_fewer_key_value_heads(family, attn_impl
     assert compacted.config.key_value_index == [[0, 0, 0, 1, 2, 2], [0, 1, 1]]
     head_dim = 8
     assert key_value_widths(compacted) == [3 * head_dim * 72, 2 * head_dim * 72]  # k_proj [k * D, C]
-    assert [attention.num_key_value_groups for attention in attention_modules(compacted)] == [1, 1]
+    # Each layer runs its query heads in equal slots of its largest group: 3 x 3 and 2 x 2 slots.
+    assert [attention.num_key_value_groups for attention in attention_modules(compacted)] == [3, 2]
+    assert [attention.q_proj.slots for attention in attention_modules(compacted)] == [(0, 1, 2, 3, 6, 7), (0, 2, 3)]
+    assert [attention.q_proj.out_features for attention in attention_modules(compacted)] == [6 * head_dim, 3 * head_dim]
     # The cache holds only the kept key/value heads: (3 + 2) heads, keys and values, float32.
     assert kv_cache_bytes_per_token(compacted) == cached_bytes_per_token(compacted, tokens) == 5 * 2 * head_dim * 4
 
@@ -253,7 +256,7 @@ def test_key_value_index_attention_copies_and_pickles(tokens):
         expected = compacted(tokens).logits
     for copied in (copy.deepcopy(compacted), pickle.loads(pickle.dumps(compacted))):
         attention = attention_modules(copied)[1]
-        assert isinstance(attention, KeyValueIndexAttention) and attention.kv_index == (0, 1, 1)
+        assert has_query_slots(attention) and attention.q_proj.slots == (0, 2, 3)  # groups of 1 and 2 in 2 slots each
         with torch.no_grad():
             assert torch.equal(copied(tokens).logits, expected)
 
@@ -274,7 +277,7 @@ def test_a_uniform_compacted_model_compacts_again_to_unequal_groups(tokens):
     assert second.config.kept_heads == [[1, 3, 5], [0, 1, 4]]  # original heads of the first model
     assert second.config.kept_key_value_heads == [[0, 1], [0, 1]]
     assert second.config.key_value_index == [[0, 1, 1], [0, 0, 1]]
-    assert all(isinstance(attention, KeyValueIndexAttention) for attention in attention_modules(second))
+    assert all(has_query_slots(attention) for attention in attention_modules(second))
 
 
 def test_compact_takes_a_lightning_module(tokens):

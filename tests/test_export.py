@@ -37,6 +37,26 @@ def test_export_prints_and_returns_the_key_value_cache_bytes_per_token(checkpoin
     printed = capsys.readouterr().out
     assert "5/8 heads kept" in printed and "key/value cache 256 -> 192 bytes per token" in printed
     assert f"parameters {summary['parameters_before']:,} -> {summary['parameters_after']:,}" in printed
+    # Unequal layers: only the shipped modeling code opens the folder, and export says so.
+    assert summary["loads_without_remote_code"] is False and "trust_remote_code=True only" in printed
+    # The bytes bound at 4,096 tokens of context, from the weights and the cache before and after.
+    moved = [summary[f"bytes_{when}"] + summary[f"kv_cache_bytes_per_token_{when}"] * 4096
+             for when in ("before", "after")]
+    assert summary["decode_bound_4096"] == pytest.approx(moved[0] / moved[1]) and summary["decode_bound_4096"] > 1
+    assert f"decoding after 4,096 tokens at most {summary['decode_bound_4096']:.3f}x as fast" in printed
+
+
+def test_export_says_a_uniform_folder_loads_in_plain_transformers(tmp_path, capsys):
+    module = GatedLanguageModel(model=tiny_model("llama", num_layers=2, num_heads=4, num_kv_heads=2))
+    trainer = tiny_trainer(max_steps=1, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(module, tiny_data(block_size=32, batch_size=2))
+    module.gates.prune([(0, 0), (0, 1), (1, 2), (1, 3)])  # one whole group in every layer
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+
+    summary = export_checkpoint(str(tmp_path / "run.ckpt"), str(tmp_path / "export"))
+
+    assert summary["loads_without_remote_code"] is True and "loads in plain transformers" in capsys.readouterr().out
+    assert summary["kv_cache_bytes_per_token_after"] * 2 == summary["kv_cache_bytes_per_token_before"]
 
 
 def test_export_refuses_a_non_empty_output_dir_unless_overwrite(checkpoint, tmp_path, capsys):

@@ -20,7 +20,7 @@ from sentinel_lightning.families import (
     output_projections,
 )
 from sentinel_lightning.gates import attach_gates, detach_gates
-from sentinel_lightning.pruned_modeling import KeyValueIndexAttention, resize_attention
+from sentinel_lightning.pruned_modeling import has_query_slots, resize_attention
 from sentinel_lightning.tiny import tiny_config
 
 PRUNED = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]  # layer 0 loses every head; layer 1 keeps unequal groups (1, 2)
@@ -88,8 +88,8 @@ def test_slicing_and_resizing_keep_the_gated_output(family, tokens):
     assert output.weight.numel() == kept_width * cut.config.hidden_size  # 3 of 4 heads kept
     if family_of(cut).grouped_query:  # groups of 1 and 2 query heads: both key/value heads once, read by index
         attention = attention_modules(cut)[1]
-        assert isinstance(attention, KeyValueIndexAttention) and attention.num_key_value_groups == 1
-        assert attention.kv_index == (0, 1, 1) and attention.k_proj.out_features == 2 * head_shape(cut)[2]
+        assert has_query_slots(attention) and attention.num_key_value_groups == 2
+        assert attention.q_proj.slots == (0, 2, 3) and attention.k_proj.out_features == 2 * head_shape(cut)[2]
 
 
 def test_grouped_query_families_never_repeat_key_value_heads_for_unequal_groups():

@@ -15,7 +15,7 @@ from transformers.utils.quantization_config import GgufConfig
 from sentinel_lightning.compaction import compact, count_parameters
 from sentinel_lightning.families import attention_modules
 from sentinel_lightning.gates import attach_gates, find_gates
-from sentinel_lightning.pruned_modeling import KeyValueIndexAttention, key_value_indices
+from sentinel_lightning.pruned_modeling import has_query_slots, key_value_indices
 from sentinel_lightning.saving import MODELING_MODULE, load_pruned, save_pruned
 
 CODE_FILES = ("families.py", "pruned_modeling.py", f"{MODELING_MODULE}.py")
@@ -62,7 +62,7 @@ generated = model.generate(
 assert torch.equal(generated, expected["generated"])
 assert not [name for name in sys.modules if name.startswith("sentinel_lightning")]
 print(type(model).__name__, sorted({type(module).__name__ for module in model.modules()
-                                    if type(module).__name__.endswith("Attention")}))
+                                    if type(module).__name__.endswith(("Attention", "Slots"))}))
 '''
 
 
@@ -100,7 +100,7 @@ def test_save_and_load_pruned_round_trip(family, tokens, tmp_path):
     compacted = compact(gated)
     assert count_parameters(loaded) == count_parameters(compacted)
     assert key_value_widths(loaded) == key_value_widths(compacted)  # no key/value head repeated on the way
-    assert isinstance(attention_modules(loaded)[1], KeyValueIndexAttention) == (family in GROUPED)
+    assert has_query_slots(attention_modules(loaded)[1]) == (family in GROUPED)
     assert os.path.isfile(tmp_path / "model.safetensors") and os.path.isfile(tmp_path / "tokenizer.json")
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["kept_heads"] == [[], [1, 2, 3], [0, 2]]
@@ -150,7 +150,7 @@ def test_any_layout_loads_with_remote_code_in_a_process_without_the_package(fami
     printed = load_without_package(tmp_path / "model", compacted, tokens, tmp_path, trust_remote_code=True)
     assert printed.split()[0] == f"Pruned{type(compacted).__name__}"
     assert "EmptyAttention" in printed
-    assert ("KeyValueIndexedLlamaAttention" in printed) == (family == "llama")
+    assert ("QuerySlots" in printed) == (family == "llama")
 
 
 def test_unequal_layers_refuse_plain_from_pretrained_but_load_pruned(tokens, tmp_path):
