@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 from conftest import HEAD_COMPACTING, tiny_model
+from test_compaction import key_value_widths
 
 from sentinel_lightning.families import (
     FAMILIES,
@@ -89,7 +90,7 @@ def test_slicing_and_resizing_keep_the_gated_output(family, tokens):
     if family_of(cut).grouped_query:  # groups of 1 and 2 query heads: both key/value heads once, read by index
         attention = attention_modules(cut)[1]
         assert has_query_slots(attention) and attention.num_key_value_groups == 2
-        assert attention.q_proj.slots == (0, 2, 3) and attention.k_proj.out_features == 2 * head_shape(cut)[2]
+        assert output.slots == (0, 2, 3) and key_value_widths(cut)[1] == 2 * kept_width // 3 * cut.config.hidden_size
 
 
 def test_grouped_query_families_never_repeat_key_value_heads_for_unequal_groups():
