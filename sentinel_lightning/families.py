@@ -9,7 +9,7 @@ Notation (as in nanoGPT / litgpt):
 Query head ``q`` reads key/value head ``q // G``. Everything outside this module speaks ``[L, H]`` and asks the
 family (``family_of(model)``) where the layers, attention modules and output projections are, how to slice the
 projections for kept heads and how to resize an attention module. ``FAMILIES`` maps ``config.model_type`` to
-one ``AttentionFamily``; adding a family is one new entry there (plus its line in the parametrised tests).
+one ``AttentionFamily``; adding a family is one new entry there (the tests take their families from it).
 
 This module is standalone: it imports only torch and transformers, because ``save_pruned`` copies it (with
 ``pruned_modeling.py``) into the folders of compacted models, which then load without sentinel-lightning.
