@@ -207,6 +207,24 @@ def test_an_explicit_head_dim_need_not_fill_the_width(family, tokens, tmp_path):
         assert (loaded(tokens).logits - compacted(tokens).logits).abs().max().item() <= 1e-5
 
 
+def test_phi4_mini_long_rope_keeps_its_head_counts_and_ships_modeling_code(tokens, tmp_path):
+    """Long-rope factors are sized by hidden_size // num_attention_heads: the config cannot state fewer heads."""
+    config = tiny_config("phi3", num_layers=2, num_heads=4, num_kv_heads=2, width=32)
+    del config.head_dim
+    config.original_max_position_embeddings = 64
+    config.rope_parameters = {"rope_type": "longrope", "partial_rotary_factor": 0.5, "rope_theta": 10000.0,
+                              "short_factor": [1.0, 1.5], "long_factor": [2.0, 3.0]}
+    torch.manual_seed(0)
+    gated = AutoModelForCausalLM.from_config(config).eval()
+    attach_gates(gated).prune([(0, 0), (0, 2), (1, 1), (1, 3)])  # uniform
+    compacted = compact_exactly(gated, tokens)
+    assert compacted.config.num_attention_heads == 4 and compacted.config.rope_parameters["short_factor"] == [1.0, 1.5]
+    save_pruned(compacted, str(tmp_path))
+    assert os.path.isfile(tmp_path / "modeling_pruned.py")
+    with torch.no_grad():
+        assert (load_pruned(str(tmp_path))(tokens).logits - compacted(tokens).logits).abs().max().item() <= 1e-5
+
+
 def test_a_fused_projection_layer_keeps_its_own_head_count_through_copies(tokens):
     """Phi-3 splits its fused projection at config.num_attention_heads: a resized layer has its own."""
     gated = tiny_model("phi3", num_layers=3)
