@@ -144,13 +144,13 @@ def test_uniform_folder_loads_in_a_process_without_the_package(family, tokens, t
 
 @pytest.mark.parametrize("family", HEAD_COMPACTING)  # GPT-NeoX renames a checkpoint key
 def test_any_layout_loads_with_remote_code_in_a_process_without_the_package(family, tokens, tmp_path):
-    """Layer 0 empty, layer 1 unequal groups (Llama), layer 2 a different number of heads."""
+    """Layer 0 empty, layer 1 unequal groups (grouped-query families), layer 2 a different number of heads."""
     compacted = compact(pruned_model(family))
     save_pruned(compacted, str(tmp_path / "model"))
     printed = load_without_package(tmp_path / "model", compacted, tokens, tmp_path, trust_remote_code=True)
     assert printed.split()[0] == f"Pruned{type(compacted).__name__}"
     assert "EmptyAttention" in printed
-    assert ("QuerySlots" in printed) == (family == "llama")
+    assert ("OutputSlots" in printed) == (family in GROUPED)  # unequal groups in query slots
 
 
 def test_unequal_layers_refuse_plain_from_pretrained_but_load_pruned(tokens, tmp_path):
