@@ -9,7 +9,7 @@ Notation (as in nanoGPT / litgpt):
 Query head ``q`` reads key/value head ``q // G``. Everything outside this module speaks ``[L, H]`` and asks the
 family (``family_of(model)``) where the layers, attention modules and output projections are, how to slice the
 projections for kept heads and how to resize an attention module. ``FAMILIES`` maps ``config.model_type`` to
-one ``AttentionFamily``; adding a family is one new entry there (plus its line in the parametrised tests).
+one ``AttentionFamily``; adding a family is one new entry there (the tests take their families from it).
 
 This module is standalone: it imports only torch and transformers, because ``save_pruned`` copies it (with
 ``pruned_modeling.py``) into the folders of compacted models, which then load without sentinel-lightning.
@@ -19,7 +19,20 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, PretrainedConfig, Qwen2Config
+from transformers import (
+    Gemma3TextConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    OPTConfig,
+    Phi3Config,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+    SmolLM3Config,
+)
 from transformers.pytorch_utils import Conv1D
 
 # Set in the config of a compacted model whose family's config cannot state the output biases compaction added.
@@ -138,6 +151,8 @@ class AttentionFamily:
         merges_key_values: Whether query heads can read mixes of key/value heads (``merging``): separate
             ``k_proj`` / ``v_proj`` whose outputs are the keys and values, with nothing per head after them but
             the rotary embedding, which commutes with mixing heads.
+        compacts_heads: Whether ``compact`` can remove some of a layer's heads exactly (False: only whole layers,
+            see ``Olmo2Family``; gating and pruning work either way).
     """
 
     model_type: str = ""
@@ -150,6 +165,7 @@ class AttentionFamily:
     bias_attribute: str | None = None
     bias_projections: tuple[str, ...] = ()
     merges_key_values: bool = False
+    compacts_heads: bool = True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_type={self.model_type!r})"
@@ -306,6 +322,11 @@ class AttentionFamily:
                 names = () if isinstance(attention, EmptyAttention) else (self.output_projection,)
                 _give_biases(attention, names, reference)
 
+    def set_query_width(self, attention: nn.Module, num_heads: int) -> None:
+        """Makes a resized attention's forward split ``num_heads`` query heads off its fused projection (Phi-3);
+        ``pruned_modeling.place_query_slots`` calls it with the number of query slots."""
+        raise NotImplementedError(f"{self!r} has no fused query/key/value projection.")
+
     def _slice_kept(self, attention, kept, kv_sources, scale, head_dim) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{self!r} does not implement _slice_kept.")
 
@@ -436,7 +457,8 @@ class OPTFamily(SeparateProjectionsFamily):
 
 
 class GroupedQueryFamily(SeparateProjectionsFamily):
-    """Llama, Mistral, Qwen2: grouped-query attention, query head ``q`` reads key/value head ``q // G``.
+    """Llama, Mistral, Qwen2, Qwen3, Gemma 3, SmolLM3: grouped-query attention, query head ``q`` reads key/value
+    head ``q // G``.
 
     Query heads are removed one by one and a key/value head only when every query head of its group is pruned;
     key/value heads are never repeated, so the key/value projections and cache only shrink. A layer whose kept
@@ -445,34 +467,164 @@ class GroupedQueryFamily(SeparateProjectionsFamily):
     be expressed by one ``num_key_value_groups``: ``pruned_modeling.resize_attention`` then runs the layer's
     query heads in equal slots (``pruned_modeling.QuerySlots``).
 
+    What the stock forward does between the projections and the output projection is left to it: Qwen3's and
+    Gemma 3's RMSNorms on each query and key head (weight ``[D]``, shared by the heads, so kept as it is),
+    Gemma 3's ``query_pre_attn_scalar`` and sliding layers, SmolLM3's layers without rotary embeddings.
+
     Args:
         model_type: The ``config.model_type`` served.
         config_class: The family's config class (for ``tiny_config``).
+        bias_attribute: See ``AttentionFamily``; None when ``o_proj`` never has a bias (Mistral, Qwen2).
+        tiny_settings: ``(num_layers, head_dim) -> dict``: the family's own settings in ``tiny_config`` (an explicit
+            ``head_dim``, sliding or rotary-free layers), or None.
+        merges_key_values: False for a family that normalises each key head after ``k_proj`` (Qwen3, Gemma 3):
+            the norm of a mix of heads is not a mix of normalised heads, so ``merging`` would not be exact.
     """
 
     layers, output_projection = "model.layers", "o_proj"
     grouped_query = config_has_head_dim = merges_key_values = True
 
     def __init__(
-        self, model_type: str, config_class: type[PretrainedConfig], bias_attribute: str | None = None
+        self, model_type: str, config_class: type[PretrainedConfig], bias_attribute: str | None = None,
+        tiny_settings=None, merges_key_values: bool = True,
     ) -> None:
         self.model_type = model_type
+        self.merges_key_values = merges_key_values and type(self).merges_key_values
         self.config_class = config_class
         self.bias_attribute = bias_attribute
         self.bias_projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+        self.tiny_settings = tiny_settings
 
     def num_key_value_heads(self, config: PretrainedConfig) -> int:
         return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+    def _slice_kept(self, attention, kept, kv_sources, scale, head_dim) -> dict[str, torch.Tensor]:
+        tensors = super()._slice_kept(attention, kept, kv_sources, scale, head_dim)
+        for name, parameter in attention.named_parameters():  # per-head norms (weight [D]) are not cut
+            tensors.setdefault(name, parameter)
+        return tensors
 
     def _resize_kept(self, attention: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super()._resize_kept(attention, num_heads, num_kv_heads, head_dim)
         attention.num_key_value_groups = num_heads // num_kv_heads  # exact for equal groups only (class docstring)
 
     def tiny_config(self, num_layers: int, num_heads: int, num_kv_heads: int, width: int, **common) -> PretrainedConfig:
+        settings = self.tiny_settings(num_layers, width // num_heads) if self.tiny_settings else {}
         return self.config_class(
             num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-            hidden_size=width, intermediate_size=2 * width, **common,
+            hidden_size=width, intermediate_size=2 * width, **settings, **common,
         )
+
+
+class LayerHeadCount:
+    """The model config as one decoder layer's attention sees it: its own ``num_attention_heads``, the rest shared.
+
+    Phi-3's forward splits the fused projection's output at ``config.num_attention_heads * head_dim``; a layer
+    that keeps ``h`` query heads reads ``h`` there while every other attribute (``_attn_implementation`` included,
+    read and written) stays the model's.
+    """
+
+    def __init__(self, config: PretrainedConfig, num_attention_heads: int) -> None:
+        object.__setattr__(self, "shared", config.shared if isinstance(config, LayerHeadCount) else config)
+        object.__setattr__(self, "num_attention_heads", num_attention_heads)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "shared":  # copy and pickle look these up before the state is set
+            raise AttributeError(name)
+        return getattr(self.shared, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "num_attention_heads":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.shared, name, value)
+
+    def __repr__(self) -> str:
+        return f"LayerHeadCount(num_attention_heads={self.num_attention_heads})"
+
+
+class Phi3Family(GroupedQueryFamily):
+    """Phi-3 / Phi-4-mini: grouped-query attention through one fused ``qkv_proj`` (weight ``[(H + 2K) * D, C]``:
+    query, key and value sections), ``o_proj`` weight ``[C, H * D]``, neither with a bias; partial rotary
+    embeddings (inside each head, so heads are cut whole).
+
+    The fused projection is cut in place (its three sections' kept rows), never split into modules, so a uniform
+    layout stays a stock Phi-3. The forward splits the query section at ``config.num_attention_heads * D`` and the
+    key section at ``self.num_key_value_heads * D``: a resized layer gets both, its head count through a
+    ``LayerHeadCount`` in place of its ``config`` (with unequal kept groups, the number of query slots of its
+    ``pruned_modeling.QueryKeyValueSlots``). Its config cannot state an output bias (compaction then sets
+    ``attention_output_bias`` and the folder ships its modeling code). Its key/value heads are not merged
+    (``merging`` mixes separate key and value projections).
+    """
+
+    merges_key_values = False
+
+    def __init__(self) -> None:
+        super().__init__("phi3", Phi3Config, tiny_settings=lambda num_layers, head_dim: {
+            "head_dim": head_dim, "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5},
+        })
+
+    def _slice_kept(self, attention, kept, kv_sources, scale, head_dim) -> dict[str, torch.Tensor]:
+        fused, output = attention.qkv_proj, attention.o_proj
+        query_width = output.in_features  # H * D
+        kv_width = (fused.out_features - query_width) // 2  # K * D
+        rows = torch.cat([  # [h * D + 2 * k * D]: the kept query heads, then their key and value heads
+            _head_features(kept, head_dim),
+            _head_features(kv_sources, head_dim, query_width),
+            _head_features(kv_sources, head_dim, query_width + kv_width),
+        ])
+        tensors = {"qkv_proj.weight": fused.weight[rows]}  # [h * D + 2 * k * D, C]
+        weight = output.weight  # [C, H * D]
+        tensors["o_proj.weight"] = weight[:, _head_features(kept, head_dim)] * _feature_scale(scale, head_dim, weight)
+        for name in ("qkv_proj", "o_proj"):  # biases only where output compensation gave one
+            if _bias(getattr(attention, name)) is not None:
+                bias = getattr(attention, name).bias
+                tensors[f"{name}.bias"] = bias[rows] if name == "qkv_proj" else bias
+        return tensors
+
+    def _resize_kept(self, attention: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        hidden = attention.qkv_proj.in_features
+        attention.qkv_proj = _linear(attention.qkv_proj, hidden, (num_heads + 2 * num_kv_heads) * head_dim)
+        attention.o_proj = _linear(attention.o_proj, num_heads * head_dim, attention.o_proj.out_features)
+        attention.num_key_value_heads = num_kv_heads
+        attention.num_key_value_groups = num_heads // num_kv_heads  # equal groups; else see place_query_slots
+        self.set_query_width(attention, num_heads)
+
+    def set_query_width(self, attention: nn.Module, num_heads: int) -> None:
+        attention.config = LayerHeadCount(attention.config, num_heads)
+
+
+class Olmo2Family(GroupedQueryFamily):
+    """OLMo 2: separate projections, with RMSNorms over the whole query and key projections (``q_norm`` weight
+    ``[H * D]``, ``k_norm`` ``[K * D]``) before the heads are split.
+
+    The norm of each kept head's query divides by the root mean square of every head's query: removing a head
+    changes what the heads that stay compute, and no smaller projection gives the same value (it depends on the
+    removed rows' output for every input). Gating and pruning work; ``compact`` removes whole layers only (a layer
+    whose heads are all pruned is exact) and refuses any other layout with an error saying so.
+    """
+
+    compacts_heads = merges_key_values = False
+
+    def __init__(self) -> None:
+        super().__init__("olmo2", Olmo2Config, bias_attribute="attention_bias")
+
+    def _slice_kept(self, attention, kept, kv_sources, scale, head_dim) -> dict[str, torch.Tensor]:
+        num_heads = attention.q_proj.out_features // head_dim
+        if len(kept) < num_heads:
+            raise ValueError(
+                f"compact cannot remove {num_heads - len(kept)} of a layer's {num_heads} heads from OLMo 2 "
+                f"(model_type={self.model_type!r}) exactly: its q_norm and k_norm normalise the whole query and key "
+                "projections (num_heads * head_dim), so removing a head changes the normalisation of the heads that "
+                "stay. Prune whole layers (HeadPruning(unit='layer')), whose removal is exact, or keep the gated model."
+            )
+        return super()._slice_kept(attention, kept, kv_sources, scale, head_dim)
+
+
+def _gemma3_settings(num_layers: int, head_dim: int) -> dict:
+    """Sliding and full layers alternating, a window shorter than the tests' sequences, a scalar that is not D."""
+    layer_types = ["sliding_attention" if index % 2 == 0 else "full_attention" for index in range(num_layers)]
+    return {"head_dim": head_dim, "layer_types": layer_types, "sliding_window": 6, "query_pre_attn_scalar": 16}
 
 
 FAMILIES: dict[str, AttentionFamily] = {
@@ -484,6 +636,16 @@ FAMILIES: dict[str, AttentionFamily] = {
         GroupedQueryFamily("llama", LlamaConfig, bias_attribute="attention_bias"),  # Mistral, Qwen2: o_proj never
         GroupedQueryFamily("mistral", MistralConfig),
         GroupedQueryFamily("qwen2", Qwen2Config),
+        GroupedQueryFamily("qwen3", Qwen3Config, "attention_bias", lambda num_layers, head_dim: {
+            "head_dim": head_dim, "use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1,
+        }, merges_key_values=False),
+        GroupedQueryFamily("gemma3_text", Gemma3TextConfig, "attention_bias", _gemma3_settings,
+                           merges_key_values=False),
+        GroupedQueryFamily("smollm3", SmolLM3Config, "attention_bias", lambda num_layers, head_dim: {
+            "no_rope_layer_interval": 2,  # every second layer without rotary embeddings
+        }),
+        Phi3Family(),
+        Olmo2Family(),
     )
 }
 

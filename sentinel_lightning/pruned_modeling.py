@@ -75,7 +75,36 @@ class OutputSlots(nn.Linear):
         return f"{super().extra_repr()}, slots={list(self.slots)}, num_slots={self.num_slots}"
 
 
-def _slot_index(projection: QuerySlots | OutputSlots, device: torch.device) -> torch.Tensor:
+class QueryKeyValueSlots(nn.Linear):
+    """``QuerySlots`` for a fused query/key/value projection (Phi-3's ``qkv_proj``): the query section in slots.
+
+    The weight holds the ``h`` kept query heads, then the ``k`` key and ``k`` value heads (``[(h + 2k) * D, C]``);
+    the output ``[B, T, (h + 2k) * D]`` -> ``[B, T, (k * g + 2k) * D]``, keys and values as they are.
+
+    Attributes:
+        slots: The slot of each kept query head, ``h`` entries in ``range(num_slots)``.
+        num_slots: ``k * g``.
+        num_kv_heads: ``k``.
+    """
+
+    slots: tuple[int, ...]
+    num_slots: int
+    num_kv_heads: int
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        fused = super().forward(hidden_states)  # [B, T, (h + 2k) * D]
+        head_dim = self.out_features // (len(self.slots) + 2 * self.num_kv_heads)
+        query, key_value = fused.split([len(self.slots) * head_dim, 2 * self.num_kv_heads * head_dim], dim=-1)
+        heads = query.unflatten(-1, (len(self.slots), head_dim))  # [B, T, h, D]
+        placed = heads.new_zeros(*heads.shape[:-2], self.num_slots, head_dim)  # [B, T, k * g, D]
+        placed = placed.index_copy(-2, _slot_index(self, heads.device), heads).flatten(-2)  # [B, T, k * g * D]
+        return torch.cat([placed, key_value], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, slots={list(self.slots)}, num_slots={self.num_slots}"
+
+
+def _slot_index(projection: QuerySlots | OutputSlots | QueryKeyValueSlots, device: torch.device) -> torch.Tensor:
     """``projection.slots`` as a tensor ``[h]`` on ``device``, kept between calls (not part of the state dict)."""
     index = projection.__dict__.get("_slot_tensor")
     if index is None or index.device != device:
@@ -116,18 +145,23 @@ def place_query_slots(family: AttentionFamily, attention: nn.Module, kv_index: l
     Args:
         family: The model's family (where the output projection is).
         attention: An attention module of the family whose projections hold ``h = len(kv_index)`` query and
-            ``k = max(kv_index) + 1`` key/value heads, with separate ``q_proj`` and output ``nn.Linear``.
+            ``k = max(kv_index) + 1`` key/value heads: a ``q_proj`` (or Phi-3's fused ``qkv_proj``) and an output
+            ``nn.Linear``.
         kv_index: Kept key/value head read by each kept query head, ascending.
 
     Returns:
         ``attention``, its ``q_proj`` a ``QuerySlots``, its output projection an ``OutputSlots`` and its
         ``num_key_value_groups`` the largest kept group.
     """
-    if not isinstance(getattr(attention, "q_proj", None), nn.Linear):
-        raise ValueError(f"{type(attention).__name__} has no separate q_proj; unequal kept groups need one.")
     slots, group_size = query_slots(kv_index)
     num_slots = (max(kv_index) + 1) * group_size
-    _as_slots(attention.q_proj, QuerySlots, slots, num_slots)
+    if isinstance(getattr(attention, "q_proj", None), nn.Linear):
+        _as_slots(attention.q_proj, QuerySlots, slots, num_slots)
+    elif isinstance(getattr(attention, "qkv_proj", None), nn.Linear):  # Phi-3: sliced in place, not split
+        _as_slots(attention.qkv_proj, QueryKeyValueSlots, slots, num_slots).num_kv_heads = max(kv_index) + 1
+        family.set_query_width(attention, num_slots)
+    else:
+        raise ValueError(f"{type(attention).__name__} has no q_proj or qkv_proj; unequal kept groups need one.")
     _as_slots(family.output_projection_of(attention), OutputSlots, slots, num_slots)
     attention.num_key_value_groups = group_size
     return attention
@@ -135,7 +169,8 @@ def place_query_slots(family: AttentionFamily, attention: nn.Module, kv_index: l
 
 def has_query_slots(attention: nn.Module) -> bool:
     """Whether an attention module runs its kept query heads in slots (a layer of unequal kept groups)."""
-    return isinstance(getattr(attention, "q_proj", None), QuerySlots)
+    query = getattr(attention, "q_proj", getattr(attention, "qkv_proj", None))
+    return isinstance(query, (QuerySlots, QueryKeyValueSlots))
 
 
 def equal_groups(kv_index: list[int]) -> bool:

@@ -20,7 +20,9 @@ def tiny_config(
 ) -> PretrainedConfig:
     """A config of ``family`` with ``num_layers`` layers, ``num_heads`` heads and hidden size ``width``.
 
-    ``num_kv_heads`` applies to the grouped-query families (Llama, Mistral, Qwen2).
+    ``num_kv_heads`` applies to the grouped-query families (``families.AttentionFamily.grouped_query``); each
+    family adds its own settings (Qwen3's and Gemma 3's sliding layers, SmolLM3's layers without rotary
+    embeddings, Phi-3's partial rotary embeddings), with ``head_dim = width // num_heads``.
     """
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} has no tiny config; choose one of {sorted(FAMILIES)}.")

@@ -1,8 +1,14 @@
-"""Tiny randomly initialised models of every supported family: 2 layers, 4 heads, width 32."""
+"""Tiny randomly initialised models of every supported family: 2 layers, 4 heads, width 32.
+
+The families come from the registry (``sentinel_lightning.families.FAMILIES``): a new entry there is tested by
+every test that takes the ``family`` fixture, and by those parametrised over ``HEAD_COMPACTING`` (the families
+whose ``compact`` removes single heads) or ``GROUPED`` (grouped-query attention) where they apply.
+"""
 
 import pytest
 import torch
 
+from sentinel_lightning import families
 from sentinel_lightning.cli.fit import JOB_DEFAULTS
 from sentinel_lightning.module import GatedLanguageModel
 from sentinel_lightning.tiny import TINY_VOCAB, tiny_config, tiny_model  # noqa: F401 (used by the tests)
@@ -17,7 +23,9 @@ def byte_tokenizer():
     return byte_level_tokenizer()
 
 
-FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "opt", "gpt_neox"]
+FAMILIES = sorted(families.FAMILIES)
+HEAD_COMPACTING = [name for name in FAMILIES if families.FAMILIES[name].compacts_heads]
+GROUPED = [name for name in FAMILIES if families.FAMILIES[name].grouped_query]
 
 
 @pytest.fixture(params=FAMILIES)

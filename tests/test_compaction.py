@@ -7,17 +7,28 @@ import pickle
 
 import pytest
 import torch
-from conftest import VOCAB, byte_tokenizer, tiny_data, tiny_model, tiny_trainer
+from conftest import GROUPED, HEAD_COMPACTING, VOCAB, byte_tokenizer, tiny_data, tiny_model, tiny_trainer
+from transformers import AutoModelForCausalLM
 
 from sentinel_lightning import GatedLanguageModel
 from sentinel_lightning.cli.export import export_checkpoint
 from sentinel_lightning.compaction import compact, count_parameters, kv_cache_bytes_per_token, weight_bytes
-from sentinel_lightning.families import FAMILIES, EmptyAttention, attention_modules, family_of
+from sentinel_lightning.families import (
+    FAMILIES,
+    EmptyAttention,
+    LayerHeadCount,
+    attention_modules,
+    family_of,
+    head_shape,
+)
 from sentinel_lightning.gates import attach_gates, find_gates
 from sentinel_lightning.pruned_modeling import has_query_slots
-from sentinel_lightning.saving import load_pruned
+from sentinel_lightning.saving import load_pruned, save_pruned
+from sentinel_lightning.tiny import tiny_config
 
-GROUPED = tuple(name for name, entry in FAMILIES.items() if entry.grouped_query)
+GROUPED_COMPACTING = [name for name in GROUPED if name in HEAD_COMPACTING]
+WHOLE_LAYERS_ONLY = [name for name in FAMILIES if name not in HEAD_COMPACTING]
+STOCK_HEAD_COUNTS = [name for name in HEAD_COMPACTING if FAMILIES[name].config_has_head_dim]  # uniform: stock
 
 
 def pruned_model(family: str, attn_implementation: str = "sdpa"):
@@ -54,9 +65,14 @@ def greedy(model, prompt, tokens=8):
 
 
 def key_value_widths(model) -> list[int]:
-    """Output features of each layer's key projection (the fused width for GPT-2 / GPT-NeoX, 0 for an empty layer)."""
+    """Weights of each layer's key projection (the fused projection for GPT-2 / GPT-NeoX, the key section of
+    Phi-3's, 0 for an empty layer)."""
     widths = []
     for attention in attention_modules(model):
+        if hasattr(attention, "qkv_proj"):  # Phi-3: [(h + 2 * k) * D, C], the query section is o_proj's input
+            key_rows = (attention.qkv_proj.out_features - attention.o_proj.in_features) // 2
+            widths.append(key_rows * attention.qkv_proj.in_features)
+            continue
         projection = next((getattr(attention, name) for name in ("k_proj", "c_attn", "query_key_value")
                            if hasattr(attention, name)), None)
         widths.append(0 if projection is None else projection.weight.numel())
@@ -71,6 +87,7 @@ def cached_bytes_per_token(model, tokens) -> int:
     return stored // tokens.numel()
 
 
+@pytest.mark.parametrize("family", HEAD_COMPACTING)
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_compact_keeps_logits_and_generation(family, attn_implementation, tokens):
     gated = pruned_model(family, attn_implementation)
@@ -108,7 +125,7 @@ def test_compact_keeps_logits_and_generation(family, attn_implementation, tokens
         assert torch.equal(gated(tokens).logits, expected)
 
 
-@pytest.mark.parametrize("family", GROUPED)
+@pytest.mark.parametrize("family", GROUPED_COMPACTING)
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_unequal_groups_keep_logits_with_fewer_key_value_heads(family, attn_implementation, tokens):
     """9 query heads in 3 groups; the kept groups hold 3, 1 and 2 query heads in layer 0 and 1, 2, 0 in layer 1."""
@@ -125,10 +142,105 @@ def test_unequal_groups_keep_logits_with_fewer_key_value_heads(family, attn_impl
     assert key_value_widths(compacted) == [3 * head_dim * 72, 2 * head_dim * 72]  # k_proj [k * D, C]
     # Each layer runs its query heads in equal slots of its largest group: 3 x 3 and 2 x 2 slots.
     assert [attention.num_key_value_groups for attention in attention_modules(compacted)] == [3, 2]
-    assert [attention.q_proj.slots for attention in attention_modules(compacted)] == [(0, 1, 2, 3, 6, 7), (0, 2, 3)]
-    assert [attention.q_proj.out_features for attention in attention_modules(compacted)] == [6 * head_dim, 3 * head_dim]
+    queries = [getattr(attention, "q_proj", None) or attention.qkv_proj for attention in attention_modules(compacted)]
+    assert [query.slots for query in queries] == [(0, 1, 2, 3, 6, 7), (0, 2, 3)]
+    outputs = [family_of(compacted).output_projection_of(attention) for attention in attention_modules(compacted)]
+    assert [output.in_features for output in outputs] == [6 * head_dim, 3 * head_dim]  # the kept heads only
     # The cache holds only the kept key/value heads: (3 + 2) heads, keys and values, float32.
-    assert kv_cache_bytes_per_token(compacted) == cached_bytes_per_token(compacted, tokens) == 5 * 2 * head_dim * 4
+    short = tokens[:, :4]  # within the tiny sliding windows
+    assert kv_cache_bytes_per_token(compacted) == cached_bytes_per_token(compacted, short) == 5 * 2 * head_dim * 4
+
+
+@pytest.mark.parametrize("family", HEAD_COMPACTING)
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_a_whole_group_leaves_with_its_key_value_head(family, attn_implementation, tokens):
+    gated = tiny_model(family, num_layers=2, num_heads=4, num_kv_heads=2)
+    gated.config._attn_implementation = attn_implementation
+    gates = attach_gates(gated)
+    with torch.no_grad():
+        gates.values.copy_(torch.linspace(0.25, 1.75, 8).reshape(2, 4))
+    gates.prune([(1, 0), (1, 1)])  # layer 1's first group (two heads of their own without grouped queries)
+    compacted = compact_exactly(gated, tokens)
+    assert compacted.config.kept_heads == [[0, 1, 2, 3], [2, 3]]
+    before, after = key_value_widths(gated), key_value_widths(compacted)
+    assert after[0] == before[0] and 2 * after[1] == before[1]  # the group's key/value head is gone
+
+
+@pytest.mark.parametrize("family", WHOLE_LAYERS_ONLY)
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_norms_across_heads_compact_whole_layers_only(family, attn_implementation, tokens, tmp_path):
+    """OLMo 2 normalises the whole query projection: removing some heads of a layer is refused, a layer is exact."""
+    for pruned in ([(1, 0)], [(1, 0), (1, 1)]):  # an uneven mask, a whole group
+        gated = tiny_model(family)
+        attach_gates(gated).prune(pruned)
+        with pytest.raises(ValueError, match=rf"model_type='{family}'.*normalis.*unit='layer'"):
+            compact(gated)
+    gated = tiny_model(family, num_layers=3)
+    gated.config._attn_implementation = attn_implementation
+    gates = attach_gates(gated)
+    with torch.no_grad():
+        gates.values.copy_(torch.linspace(0.25, 1.75, 12).reshape(3, 4))
+    gates.prune([(1, head) for head in range(4)])
+    compacted = compact_exactly(gated, tokens)
+    assert isinstance(attention_modules(compacted)[1], EmptyAttention)
+    assert count_parameters(compacted) < count_parameters(gated)
+    save_pruned(compacted, str(tmp_path))
+    with torch.no_grad():
+        assert (load_pruned(str(tmp_path))(tokens).logits - compacted(tokens).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", STOCK_HEAD_COUNTS)
+def test_an_explicit_head_dim_need_not_fill_the_width(family, tokens, tmp_path):
+    """4 heads of 16 in a width of 32 (as Qwen3 and Gemma 3 state ``head_dim``); a uniform layout stays stock."""
+    config = tiny_config(family, num_layers=2, num_heads=4, num_kv_heads=2, width=32)
+    config.head_dim = 16
+    torch.manual_seed(0)
+    gated = AutoModelForCausalLM.from_config(config).eval()
+    assert head_shape(gated) == (2, 4, 16)
+    attach_gates(gated).prune([(0, 0), (0, 2), (1, 1), (1, 3)])  # one query head of each group
+    compacted = compact_exactly(gated, tokens)
+    assert (compacted.config.num_attention_heads, compacted.config.num_key_value_heads) == (2, 2)
+    save_pruned(compacted, str(tmp_path))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert loaded.config.head_dim == 16
+    with torch.no_grad():
+        assert (loaded(tokens).logits - compacted(tokens).logits).abs().max().item() <= 1e-5
+
+
+def test_phi4_mini_long_rope_keeps_its_head_counts_and_ships_modeling_code(tokens, tmp_path):
+    """Long-rope factors are sized by hidden_size // num_attention_heads: the config cannot state fewer heads."""
+    config = tiny_config("phi3", num_layers=2, num_heads=4, num_kv_heads=2, width=32)
+    del config.head_dim
+    config.original_max_position_embeddings = 64
+    config.rope_parameters = {"rope_type": "longrope", "partial_rotary_factor": 0.5, "rope_theta": 10000.0,
+                              "short_factor": [1.0, 1.5], "long_factor": [2.0, 3.0]}
+    torch.manual_seed(0)
+    gated = AutoModelForCausalLM.from_config(config).eval()
+    attach_gates(gated).prune([(0, 0), (0, 2), (1, 1), (1, 3)])  # uniform
+    compacted = compact_exactly(gated, tokens)
+    assert compacted.config.num_attention_heads == 4 and compacted.config.rope_parameters["short_factor"] == [1.0, 1.5]
+    save_pruned(compacted, str(tmp_path))
+    assert os.path.isfile(tmp_path / "modeling_pruned.py")
+    with torch.no_grad():
+        assert (load_pruned(str(tmp_path))(tokens).logits - compacted(tokens).logits).abs().max().item() <= 1e-5
+
+
+def test_a_fused_projection_layer_keeps_its_own_head_count_through_copies(tokens):
+    """Phi-3 splits its fused projection at config.num_attention_heads: a resized layer has its own."""
+    gated = tiny_model("phi3", num_layers=3)
+    attach_gates(gated).prune([(0, 0), (0, 1), (0, 2), (0, 3), (1, 1), (1, 3)])  # layer 2 keeps its 4 heads
+    compacted = compact_exactly(gated, tokens)
+    resized, untouched = attention_modules(compacted)[1:]
+    assert isinstance(resized.config, LayerHeadCount) and resized.config.num_attention_heads == 2
+    assert resized.config.shared is compacted.config is untouched.config and compacted.config.num_attention_heads == 4
+    with torch.no_grad():
+        expected = compacted(tokens).logits
+    for copied in (copy.deepcopy(compacted), pickle.loads(pickle.dumps(compacted))):
+        copied.set_attn_implementation("eager")  # every layer reads it from the model's config
+        resized = attention_modules(copied)[1]
+        assert resized.config.shared is copied.config and resized.config._attn_implementation == "eager"
+        with torch.no_grad():
+            assert (copied(tokens).logits - expected).abs().max().item() <= 1e-5
 
 
 def test_every_pruned_query_head_lowers_the_parameter_count():
@@ -145,7 +257,9 @@ def test_every_pruned_query_head_lowers_the_parameter_count():
     assert kv_bytes[-1] == kv_bytes[0] // 2  # one key/value head left of 2
 
 
+@pytest.mark.parametrize("family", HEAD_COMPACTING)
 def test_kv_cache_bytes_per_token_counts_what_the_cache_stores(family, tokens):
+    tokens = tokens[:, :4]  # within the tiny sliding windows (6), past which a sliding layer's cache stops growing
     gated = pruned_model(family)
     compacted = compact(gated)
     _, _, head_dim = family_of(gated).head_shape(gated)

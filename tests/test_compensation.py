@@ -6,13 +6,19 @@ import os
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_model
-from test_compaction import GROUPED, greedy, pruned_model
-from test_saving import CODE_FILES, load_without_package, uniform_llama
+from conftest import HEAD_COMPACTING, tiny_model
+from test_compaction import GROUPED, STOCK_HEAD_COUNTS, greedy, pruned_model
+from test_saving import CODE_FILES, load_without_package, uniform_model
 
 from sentinel_lightning import GatedLanguageModel, HeadMetrics, HeadPruning
 from sentinel_lightning.compaction import compact
-from sentinel_lightning.families import OUTPUT_BIAS_ATTRIBUTE, EmptyAttention, attention_modules, output_projections
+from sentinel_lightning.families import (
+    FAMILIES,
+    OUTPUT_BIAS_ATTRIBUTE,
+    EmptyAttention,
+    attention_modules,
+    output_projections,
+)
 from sentinel_lightning.gates import attach_gates, find_gates
 from sentinel_lightning.saving import load_pruned, save_pruned
 
@@ -119,6 +125,12 @@ def test_pruning_with_unknown_means_writes_zero_and_warns():
     assert not gates.compensation[0, 1].any() and torch.equal(gates.compensation[1, 2], means[1, 2])
 
 
+# Uniform layouts of these families state the biases compaction adds in their config, or cannot.
+STATES_OUTPUT_BIAS = [name for name in STOCK_HEAD_COUNTS if FAMILIES[name].bias_attribute is not None]
+NO_OUTPUT_BIAS = [name for name in STOCK_HEAD_COUNTS if FAMILIES[name].bias_attribute is None]
+
+
+@pytest.mark.parametrize("family", HEAD_COMPACTING)
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_compaction_folds_the_compensation_exactly(family, attn_implementation, tokens, tmp_path):
     """Layer 0 empty, layer 1 unequal groups (grouped families), layer 2 two heads of four; partial gates."""
@@ -134,10 +146,11 @@ def test_compaction_folds_the_compensation_exactly(family, attn_implementation, 
     assert torch.equal(greedy(compacted, tokens[:1]), greedy(gated, tokens[:1]))
     empty = attention_modules(compacted)[0]
     assert isinstance(empty, EmptyAttention) and empty.bias is not None and empty.bias.any()
-    assert getattr(compacted.config, OUTPUT_BIAS_ATTRIBUTE, False) == (family in ("mistral", "qwen2"))
-    if family == "llama":
-        assert compacted.config.attention_bias
-        assert not attention_modules(compacted)[1].q_proj.bias.any()  # zero, so that the stock modules fit
+    entry, had_bias = FAMILIES[family], output_projections(gated)[1].bias is not None
+    assert getattr(compacted.config, OUTPUT_BIAS_ATTRIBUTE, False) == (entry.bias_attribute is None and not had_bias)
+    if entry.bias_attribute is not None and not had_bias:
+        assert getattr(compacted.config, entry.bias_attribute)
+        assert not attention_modules(compacted)[2].q_proj.bias.any()  # zero, so that the stock modules fit
     # Loading builds the biases the config records.
     save_pruned(compacted, str(tmp_path))
     with torch.no_grad():
@@ -150,20 +163,20 @@ def test_zero_compensation_adds_no_bias(tokens):
     assert not hasattr(compacted.config, OUTPUT_BIAS_ATTRIBUTE)
 
 
-def test_uniform_compensated_llama_loads_with_plain_transformers(tokens, tmp_path):
-    compacted = compact(compensate(uniform_llama()))
+@pytest.mark.parametrize("family", STATES_OUTPUT_BIAS)
+def test_uniform_compensated_layouts_load_with_plain_transformers(family, tokens, tmp_path):
+    compacted = compact(compensate(uniform_model(family)))
     save_pruned(compacted, str(tmp_path / "model"))
     assert not any(os.path.isfile(tmp_path / "model" / name) for name in CODE_FILES)
     config = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert config["attention_bias"] is True and OUTPUT_BIAS_ATTRIBUTE not in config
+    assert config[FAMILIES[family].bias_attribute] is True and OUTPUT_BIAS_ATTRIBUTE not in config
     printed = load_without_package(tmp_path / "model", compacted, tokens, tmp_path, trust_remote_code=False)
-    assert printed.split()[0] == "LlamaForCausalLM"
+    assert printed.split()[0] == type(compacted).__name__
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
-def test_uniform_compensated_mistral_and_qwen2_ship_their_modeling_code(family, tokens, tmp_path):
-    gated = tiny_model(family, num_layers=2, num_heads=6, num_kv_heads=2, width=48)
-    attach_gates(gated).prune([(0, 0), (0, 4), (1, 2), (1, 3)])
+@pytest.mark.parametrize("family", NO_OUTPUT_BIAS)  # Mistral, Qwen2, Phi-3: no config states an o_proj bias
+def test_uniform_compensated_layouts_without_a_bias_setting_ship_their_modeling_code(family, tokens, tmp_path):
+    gated = uniform_model(family)
     compacted = compact(compensate(gated))
     save_pruned(compacted, str(tmp_path / "model"))
     assert all(os.path.isfile(tmp_path / "model" / name) for name in CODE_FILES)  # no config states an o_proj bias

@@ -19,8 +19,10 @@ def test_gates_at_one_give_the_plain_logits(family, tokens, implementation):
     assert (model(tokens).logits - plain).abs().max() <= 1e-5
 
 
-def test_zero_gate_equals_zeroing_the_heads_slice(family, tokens):
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_zero_gate_equals_zeroing_the_heads_slice(family, tokens, implementation):
     model = tiny_model(family)
+    model.set_attn_implementation(implementation)
     _, _, head_dim = head_shape(model)
     layer, head = 1, 2
     projection = output_projections(model)[layer]

@@ -5,7 +5,7 @@ import os
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_data, tiny_model, tiny_trainer
+from conftest import HEAD_COMPACTING, tiny_data, tiny_model, tiny_trainer
 from test_compaction import compact_exactly, pruned_model
 from test_saving import CODE_FILES, load_without_package, uniform_llama
 
@@ -81,6 +81,7 @@ def test_the_matrix_reads_kept_heads_and_writes_pruned_heads_only():
     assert torch.allclose(everything_pruned, mean) and not nothing.any()
 
 
+@pytest.mark.parametrize("family", HEAD_COMPACTING)
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_compaction_folds_the_prediction_exactly(family, attn_implementation, tokens, tmp_path):
     """Layer 0 empty (its mean goes to the bias), layer 1 unequal groups, layer 2 two heads of four; partial gates."""

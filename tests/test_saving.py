@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import byte_tokenizer, tiny_model
-from test_compaction import GROUPED, greedy, key_value_widths, pruned_model
+from conftest import HEAD_COMPACTING, byte_tokenizer, tiny_model
+from test_compaction import GROUPED, STOCK_HEAD_COUNTS, greedy, key_value_widths, pruned_model
 from transformers import AutoModelForCausalLM
 from transformers.utils.quantization_config import GgufConfig
 
@@ -89,6 +89,7 @@ def load_without_package(folder, model, tokens, tmp_path, trust_remote_code: boo
     return result.stdout
 
 
+@pytest.mark.parametrize("family", HEAD_COMPACTING)
 def test_save_and_load_pruned_round_trip(family, tokens, tmp_path):
     gated = pruned_model(family)
     save_pruned(gated, str(tmp_path), tokenizer=byte_tokenizer())  # compacts on the way
@@ -108,11 +109,15 @@ def test_save_and_load_pruned_round_trip(family, tokens, tmp_path):
     assert config["auto_map"] == {"AutoModelForCausalLM": f"{MODELING_MODULE}.Pruned{type(gated).__name__}"}
 
 
-def uniform_llama():
-    """Llama, 2 layers of 6 query heads in 2 groups; every layer loses one query head of each group."""
-    gated = tiny_model("llama", num_layers=2, num_heads=6, num_kv_heads=2, width=48)
+def uniform_model(family: str):
+    """2 layers of 6 query heads in 2 groups; every layer loses one query head of each group."""
+    gated = tiny_model(family, num_layers=2, num_heads=6, num_kv_heads=2, width=48)
     attach_gates(gated).prune([(0, 0), (0, 4), (1, 2), (1, 3)])
     return gated
+
+
+def uniform_llama():
+    return uniform_model("llama")
 
 
 def test_uniform_llama_loads_with_plain_from_pretrained(tokens, tmp_path):
@@ -128,22 +133,24 @@ def test_uniform_llama_loads_with_plain_from_pretrained(tokens, tmp_path):
     assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())
 
 
-def test_uniform_folder_loads_in_a_process_without_the_package(tokens, tmp_path):
-    compacted = compact(uniform_llama())
+@pytest.mark.parametrize("family", STOCK_HEAD_COUNTS)
+def test_uniform_folder_loads_in_a_process_without_the_package(family, tokens, tmp_path):
+    compacted = compact(uniform_model(family))
     save_pruned(compacted, str(tmp_path / "model"))
+    assert not any(os.path.isfile(tmp_path / "model" / name) for name in CODE_FILES)  # a stock folder
     printed = load_without_package(tmp_path / "model", compacted, tokens, tmp_path, trust_remote_code=False)
-    assert printed.split()[0] == "LlamaForCausalLM"
+    assert printed.split()[0] == type(compacted).__name__
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])  # GPT-NeoX renames a checkpoint key
+@pytest.mark.parametrize("family", HEAD_COMPACTING)  # GPT-NeoX renames a checkpoint key
 def test_any_layout_loads_with_remote_code_in_a_process_without_the_package(family, tokens, tmp_path):
-    """Layer 0 empty, layer 1 unequal groups (Llama), layer 2 a different number of heads."""
+    """Layer 0 empty, layer 1 unequal groups (grouped-query families), layer 2 a different number of heads."""
     compacted = compact(pruned_model(family))
     save_pruned(compacted, str(tmp_path / "model"))
     printed = load_without_package(tmp_path / "model", compacted, tokens, tmp_path, trust_remote_code=True)
     assert printed.split()[0] == f"Pruned{type(compacted).__name__}"
     assert "EmptyAttention" in printed
-    assert ("QuerySlots" in printed) == (family == "llama")
+    assert ("OutputSlots" in printed) == (family in GROUPED)  # unequal groups in query slots
 
 
 def test_unequal_layers_refuse_plain_from_pretrained_but_load_pruned(tokens, tmp_path):
