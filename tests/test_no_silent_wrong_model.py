@@ -1,6 +1,10 @@
 """No silent wrong model, checkpoint or schedule (issue 18): each way a run, a checkpoint or a folder could lie."""
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -9,11 +13,13 @@ import torch
 import yaml
 from conftest import tiny_data, tiny_model, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from test_compaction import pruned_model
+from test_saving import load_without_package
 
-from sentinel_lightning import GatedLanguageModel, HeadMetrics, HeadPruning
+from sentinel_lightning import GatedLanguageModel, HeadMetrics, HeadPruning, compact, load_pruned, save_pruned
 from sentinel_lightning.cli import main
 from sentinel_lightning.cli.fit import lightning_cli
-from sentinel_lightning.gates import find_gates
+from sentinel_lightning.gates import attach_gates
 from sentinel_lightning.tiny import save_tiny_model
 
 
@@ -118,7 +124,8 @@ def test_a_run_that_stops_early_says_which_targets_it_missed(recwarn):
     trainer.fit(GatedLanguageModel(tiny_model("llama")), tiny_data())
     messages = [str(w.message) for w in recwarn if "HeadPruning" in str(w.message)]
     assert not any("limits" in m for m in messages)  # reachable when training started
-    assert any(re.search(r"stopped at epoch 1, step 4, before the scheduled epoch 2 \(target 0.5\)", m) for m in messages)
+    missed = r"stopped at epoch 1, step 4, before the scheduled epoch 2 \(target 0.5\)"
+    assert any(re.search(missed, m) for m in messages)
 
 
 def test_a_reachable_schedule_is_not_warned_about(recwarn):
@@ -191,3 +198,119 @@ def test_the_order_of_head_metrics_and_head_pruning_does_not_matter():
     torch.testing.assert_close(mean_b, mean_a, rtol=0, atol=0)
     torch.testing.assert_close(fit_b, fit_a, rtol=0, atol=0)
     assert fit_a.abs().sum() > 0
+
+
+# 1. A folder that needs its modeling code never loads in plain transformers; with it, it loads exactly.
+
+REFUSED_WITHOUT_PACKAGE = '''
+import re
+import sys
+
+
+class HidePackage:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "sentinel_lightning":
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
+
+
+sys.meta_path.insert(0, HidePackage())
+from transformers import AutoModelForCausalLM
+
+folder, trust, pattern = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+try:
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust)
+except ValueError as error:
+    assert re.search(pattern, str(error)), str(error)
+    print("refused")
+else:
+    raise SystemExit("loaded")
+'''
+
+
+def refused_without_package(folder, tmp_path, trust_remote_code: bool, pattern: str) -> None:
+    """Asserts that ``from_pretrained(folder)`` raises a ValueError matching ``pattern`` where the package is hidden."""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", REFUSED_WITHOUT_PACKAGE, str(folder), "1" if trust_remote_code else "0", pattern],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "refused", result.stdout + result.stderr[-3000:]
+
+
+def compensated_uniform(family):
+    """Every layer loses one query head of each of its 2 groups; the pruned heads write a mean output (a bias)."""
+    gated = tiny_model(family, num_layers=2, num_heads=6, num_kv_heads=2, width=48)
+    compensation = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0))
+    attach_gates(gated).prune([(0, 0), (0, 4), (1, 2), (1, 3)], compensation=compensation)
+    return gated
+
+
+@pytest.mark.parametrize("layout", ["layer_pruned_llama", "uniform_qwen2_with_bias", "uniform_mistral_with_bias"])
+def test_a_folder_that_needs_its_modeling_code_does_not_load_without_it(layout, tokens, tmp_path):
+    gated = pruned_model("llama") if layout == "layer_pruned_llama" else compensated_uniform(layout.split("_")[1])
+    compacted = compact(gated)
+    save_pruned(compacted, str(tmp_path / "model"))
+    refused_without_package(tmp_path / "model", tmp_path, False, r"trust_remote_code=True")
+    load_without_package(tmp_path / "model", compacted, tokens, tmp_path, trust_remote_code=True)
+    with torch.no_grad():
+        difference = (load_pruned(str(tmp_path / "model"))(tokens).logits - compacted(tokens).logits).abs().max()
+    assert difference.item() <= 1e-5
+
+
+def test_a_uniform_folder_without_bias_stays_a_plain_folder(tmp_path):
+    gated = tiny_model("llama", num_layers=2, num_heads=6, num_kv_heads=2, width=48)
+    attach_gates(gated).prune([(0, 0), (0, 4), (1, 2), (1, 3)])
+    save_pruned(gated, str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
+
+
+# The errors that did not say what is wrong.
+
+def edited_folder(tmp_path, **fields):
+    """A saved ``pruned_model("llama")`` whose config.json gets ``fields`` (None: the field removed)."""
+    folder = tmp_path / "edited"
+    save_pruned(pruned_model("llama"), str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    for name, value in fields.items():
+        if value is None:
+            config.pop(name)
+        else:
+            config[name] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("edit", ["removed", "null"])
+def test_a_missing_or_null_kept_heads_is_named(edit, tmp_path):
+    folder = edited_folder(tmp_path, kept_heads=None)
+    if edit == "null":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "kept_heads": None}))
+    with pytest.raises(ValueError, match=r"config\.kept_heads is missing or null"):
+        load_pruned(str(folder))
+
+
+@pytest.mark.parametrize(
+    "kept_heads, message",
+    [([[], [3, 2, 1], [0, 2]], r"kept_heads\[1\] = \[3, 2, 1\] must be strictly increasing"),
+     ([[], [1, 2, 9], [0, 2]], r"kept_heads\[1\] = \[1, 2, 9\] holds 9")],
+)
+def test_the_shipped_modeling_code_checks_kept_heads_as_load_pruned_does(kept_heads, message, tmp_path):
+    folder = edited_folder(tmp_path, kept_heads=kept_heads)
+    with pytest.raises(ValueError, match=message):
+        load_pruned(str(folder))
+    refused_without_package(folder, tmp_path, True, message)
+
+
+def test_gating_a_model_compacted_to_unequal_layers_is_refused(tmp_path):
+    save_pruned(pruned_model("llama"), str(tmp_path / "model"))
+    with pytest.raises(ValueError, match=r"re-pruning such a model is not supported"):
+        attach_gates(load_pruned(str(tmp_path / "model")))
+    config = write_job(tmp_path, tmp_path / "model")
+    with pytest.raises(ValueError, match=r"model=.* is a compacted folder .*re-pruning such a model is not supported"):
+        main(["fit", "--config", str(config)])
+
+
+def test_save_pruned_refuses_an_empty_directory_name():
+    with pytest.raises(ValueError, match=r"directory='' must be the path of a folder"):
+        save_pruned(tiny_model("llama"), "")
