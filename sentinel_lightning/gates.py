@@ -247,13 +247,13 @@ def attach_gates(model: nn.Module) -> HeadGates:
     existing = getattr(model, GATES_ATTRIBUTE, None)
     if isinstance(existing, HeadGates):
         return existing
+    num_layers, num_heads, head_dim = head_shape(model)  # refuses an unsupported model by name
     if not uniform_layers(model):
         raise ValueError(
             f"{type(model).__name__} was compacted to layers of different shapes (config.kept_heads = "
             f"{model.config.kept_heads}); gating and re-pruning such a model is not supported. Prune the model it "
             "was compacted from, or one compacted with scope='uniform'."
         )
-    num_layers, num_heads, head_dim = head_shape(model)
     reference = next(model.parameters())
     gates = HeadGates(num_layers, num_heads, head_dim).to(reference.device)
     model.add_module(GATES_ATTRIBUTE, gates)
