@@ -21,11 +21,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import lightning as L
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 from rich.table import Table
+from typing_extensions import override
 
 from sentinel_lightning.callbacks import DivergenceGuard, GateMonitor, HeadMetrics, HeadPruning, HeadReactivation
 from sentinel_lightning.callbacks.pruning import check_schedule
@@ -59,11 +61,26 @@ SEED = 0
 # The job's checkpoints. last.ckpt is written at the end of every epoch, after that epoch's pruning. The lowest
 # finite val_ppl (NaN never counts as better) goes under best/, written as soon as validation has measured it, so
 # before the pruning at that epoch's end: the checkpoint holds the very model its val_ppl was measured on.
-LAST_CHECKPOINT = {"save_last": True, "save_top_k": 0}
 BEST_CHECKPOINT = {
     "monitor": "val_ppl", "mode": "min", "filename": "best/{epoch}-{step}-{val_ppl:.3f}",
     "save_on_train_epoch_end": False,
 }
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Writes ``last.ckpt`` at the end of every training epoch, after the epoch's pruning, and nothing else.
+
+    A plain ``ModelCheckpoint(save_last=True, save_top_k=0)`` writes no ``last.ckpt`` (it saves the last one only
+    in a step that saved another).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(save_last=True, save_top_k=0, save_on_train_epoch_end=True)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class SentinelCLI(LightningCLI):
@@ -97,9 +114,9 @@ class SentinelCLI(LightningCLI):
         if config.trainer.enable_progress_bar is not False and not any("ProgressBar" in str(c) for c in callbacks):
             callbacks.append(Namespace(class_path=f"{RichProgressBar.__module__}.RichProgressBar"))
         if config.trainer.enable_checkpointing is not False and not any("ModelCheckpoint" in str(c) for c in callbacks):
-            for init_args in (LAST_CHECKPOINT, BEST_CHECKPOINT):
-                class_path = f"{ModelCheckpoint.__module__}.ModelCheckpoint"
-                callbacks.append(Namespace(class_path=class_path, init_args=Namespace(**init_args)))
+            callbacks.append(Namespace(class_path=f"{LastCheckpoint.__module__}.LastCheckpoint"))
+            class_path = f"{ModelCheckpoint.__module__}.ModelCheckpoint"
+            callbacks.append(Namespace(class_path=class_path, init_args=Namespace(**BEST_CHECKPOINT)))
         config.trainer.callbacks = callbacks
 
     def _validation_perplexity(self) -> float:
