@@ -122,7 +122,9 @@ class HeadPruning(L.Callback):
         schedule: Maps a training epoch index (Lightning's ``current_epoch``, from 0) to the fraction of all heads
             pruned after it, non-decreasing, each in [0, 1); or a callable of the epoch index returning the
             fraction, or None for no pruning after that epoch. An empty mapping never prunes. With
-            ``interval="step"`` the keys are optimizer steps (``trainer.global_step``, from 1) instead.
+            ``interval="step"`` the keys are optimizer steps (``trainer.global_step``, from 1) instead. Keys the
+            trainer's limits (``max_epochs``, ``max_steps``, batches per epoch) cannot reach are warned about when
+            training starts, and keys a run stopped before (early stopping) when it ends (rank zero).
         scope: ``"global"`` ranks every unit together; ``"layer"`` spreads the pruning evenly over the layers;
             ``"uniform"`` leaves every layer the same shape, so that one config describes the compacted model:
             with ``unit="head"`` every key/value group of every layer loses the same number of query heads (in
