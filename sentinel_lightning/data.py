@@ -10,8 +10,10 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import datasets
 import lightning as L
@@ -85,7 +87,8 @@ def pack_into_blocks(token_lists: Sequence[Sequence[int]], block_size: int, sepa
 
 
 class EpochShuffledSampler(RandomSampler):
-    """A random order that depends only on ``seed`` and the epoch, so a resumed run sees the same batches.
+    """A random order that depends only on ``seed`` and the epoch, so a run resumed at an epoch end sees the same
+    batches (``LanguageModelingDataModule`` refuses to resume inside an epoch, whose order would restart).
 
     Lightning calls ``set_epoch`` at the start of every epoch; under DDP it replaces this sampler (a
     ``RandomSampler``) with a ``DistributedSampler``, which is seeded by epoch in the same way.
@@ -293,6 +296,35 @@ class LanguageModelingDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where in its epoch the run is when a checkpoint is written: ``load_state_dict`` checks it on resume."""
+        trainer = self.trainer
+        if trainer is None or not math.isfinite(trainer.num_training_batches):
+            return {}
+        return {
+            "epoch": trainer.current_epoch,
+            "batches_into_epoch": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            "batches_per_epoch": int(trainer.num_training_batches),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuses to resume training from a checkpoint written inside an epoch.
+
+        The epoch's order restarts from its first batch on resume (the loaders keep no position), so the resumed
+        epoch would see other batches than the interrupted one. Validating or exporting such a checkpoint is fine.
+        """
+        trainer = self.trainer
+        done, total = state_dict.get("batches_into_epoch", 0), state_dict.get("batches_per_epoch", 0)
+        if trainer is None or trainer.state.fn != "fit" or not 0 < done < total:
+            return
+        raise ValueError(
+            f"The checkpoint to resume from was written after {done} of the {total} training batches of epoch "
+            f"{state_dict.get('epoch')} (a ModelCheckpoint with every_n_train_steps or train_time_interval?). "
+            "LanguageModelingDataModule resumes only at epoch ends: the resumed epoch would start again from its "
+            "first batch and train on other batches than the interrupted run. Resume from a checkpoint written at "
+            "an epoch end (the job's last.ckpt), or save with ModelCheckpoint(every_n_epochs=1)."
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", shuffle=False)

@@ -25,6 +25,7 @@ from sentinel_lightning.families import (  # noqa: F401 (re-exported while calle
     head_shape,
     output_projections,
 )
+from sentinel_lightning.pruned_modeling import uniform_layers
 
 GATES_ATTRIBUTE = "head_gates"
 
@@ -302,11 +303,20 @@ def attach_gates(model: nn.Module) -> HeadGates:
 
     Returns:
         The model's ``HeadGates``, values ``[num_layers, num_heads]`` all 1.0.
+
+    Raises:
+        ValueError: For a model compacted to layers of different shapes (``pruned_modeling.uniform_layers``).
     """
     existing = getattr(model, GATES_ATTRIBUTE, None)
     if isinstance(existing, HeadGates):
         return existing
-    num_layers, num_heads, head_dim = head_shape(model)
+    num_layers, num_heads, head_dim = head_shape(model)  # refuses an unsupported model by name
+    if not uniform_layers(model):
+        raise ValueError(
+            f"{type(model).__name__} was compacted to layers of different shapes (config.kept_heads = "
+            f"{model.config.kept_heads}); gating and re-pruning such a model is not supported. Prune the model it "
+            "was compacted from, or one compacted with scope='uniform'."
+        )
     reference = next(model.parameters())
     gates = HeadGates(num_layers, num_heads, head_dim).to(reference.device)
     model.add_module(GATES_ATTRIBUTE, gates)

@@ -51,8 +51,9 @@ class GatedLanguageModel(L.LightningModule):
 
     Distillation: the teacher is a frozen copy of the model, in eval mode, with no gradients. ``"loaded"`` copies
     it as loaded (taken before the gates are attached, or with them detached). ``"before_pruning"`` copies the
-    gated model when a pruning event is announced (``on_head_event``) and gives the copy back the heads the event
-    pruned, so the student learns to write what the fine-tuned model wrote before it lost them. It is kept out
+    gated model just before ``HeadPruning`` changes any gate or compensation (``on_before_prune``; for another
+    callback's event, when it is announced, with the event's heads given back), so the student learns to write
+    what the fine-tuned model wrote before it lost them. It is kept out
     of the module tree: it is in no optimizer, not in ``state_dict()``, and ``.to()`` does not see it; the training
     step moves it to the module's device. ``load_from_checkpoint`` rebuilds a ``"loaded"`` teacher from the same
     source (``model``: a name or path, or the embedded default); a ``"before_pruning"`` teacher, which no source
@@ -133,11 +134,23 @@ class GatedLanguageModel(L.LightningModule):
         detach_gates(teacher)  # a model object given with gates already attached: the teacher is its dense self
         return teacher.eval().requires_grad_(False)
 
+    def on_before_prune(self, trainer: L.Trainer, heads: list[tuple[int, int]]) -> None:
+        """Called by ``HeadPruning`` just before it prunes ``heads``: with ``distillation_teacher="before_pruning"``,
+        the model as it is now (gates and the compensation of earlier pruned heads included) becomes the teacher."""
+        if self.hparams.distillation == 0 or self.hparams.distillation_teacher != "before_pruning":
+            return
+        self.__dict__["_teacher"] = None  # free the previous teacher before copying
+        self.__dict__["_teacher"] = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.__dict__["_teacher_taken_at_step"] = trainer.global_step
+
     def on_head_event(self, trainer: L.Trainer, event: HeadEvent) -> None:
-        """With ``distillation_teacher="before_pruning"``, a pruning event makes the model before it the teacher."""
+        """A pruning event that ``on_before_prune`` did not see (another callback's) makes the model before it the
+        teacher, as far as giving its heads back restores it."""
         if event.kind != "prune" or self.hparams.distillation == 0:
             return
         if self.hparams.distillation_teacher != "before_pruning":
+            return
+        if self.__dict__.pop("_teacher_taken_at_step", None) == event.step:
             return
         self.__dict__["_teacher"] = None  # free the previous teacher before copying
         teacher = copy.deepcopy(self.model)

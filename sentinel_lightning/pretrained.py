@@ -95,6 +95,15 @@ def load_causal_lm(model: str | None = None, gguf_file: str | None = None, **kwa
     """Loads a causal LM by hub name or local path (``gguf_file`` inside it), or the embedded default."""
     check_local(model)
     path, gguf = resolve(model, gguf_file)
+    from sentinel_lightning.saving import needs_modeling_code
+
+    if os.path.isdir(path) and needs_modeling_code(path):
+        raise ValueError(
+            f"model={model!r} is a compacted folder that only its own modeling code builds (layers of different "
+            "shapes, or output biases its config cannot state): fine-tuning or re-pruning such a model is not "
+            "supported. Start from the model it was compacted from, or from a uniform folder that plain transformers "
+            "loads; load this one for inference with load_pruned."
+        )
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, **kwargs)
     except (OSError, ValueError, SafetensorError) as error:

@@ -23,6 +23,7 @@ This module is standalone: it imports only torch, transformers and ``.families``
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import torch
@@ -30,7 +31,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-from .families import OUTPUT_BIAS_ATTRIBUTE, AttentionFamily, family_of
+from .families import FAMILIES, OUTPUT_BIAS_ATTRIBUTE, AttentionFamily, family_of
 
 
 class QuerySlots(nn.Linear):
@@ -205,6 +206,10 @@ def resize_attention(
 # ----------------------------------------------------------------------------------------------------------------
 # Layouts recorded in the config
 
+# The model_type of a folder that only its own modeling code builds: its family's, prefixed (see saving).
+MODEL_TYPE_PREFIX = "sentinel_"
+
+
 
 def key_value_indices(config: PretrainedConfig) -> list[list[int]] | None:
     """Each layer's ``kv_index`` as ``config`` records it, or None for a config that was never compacted.
@@ -213,8 +218,9 @@ def key_value_indices(config: PretrainedConfig) -> list[list[int]] | None:
     index is read off the counts.
 
     Raises:
-        ValueError: When the recorded lists disagree with each other.
+        ValueError: When the recorded lists are malformed (``check_kept_heads``) or disagree with each other.
     """
+    check_kept_heads(config)
     kept_heads = getattr(config, "kept_heads", None)
     if kept_heads is None:
         return None
@@ -248,6 +254,112 @@ def _repeated_groups(layer_idx: int, heads: list[int], kv_heads: list[int]) -> l
     return [head // group_size for head in range(len(heads))]
 
 
+def check_kept_heads(config, where: str = "config") -> None:
+    """Checks the layout a compacted config records before a model is built from it (nothing to check if none).
+
+    ``kept_heads`` must hold one list per decoder layer of distinct original query head indices in ``[0, H)``
+    (ascending, except where merged key/value heads group their readers); ``kept_key_value_heads`` likewise of
+    key/value head indices in ``[0, K)`` (increasing with repeats in folders saved before ``key_value_index``
+    existed); ``key_value_index[l]`` one position in
+    ``range(len(kept_key_value_heads[l]))`` per kept query head (the identity without grouped-query attention).
+    ``H`` and ``K`` are the config's head counts, except after a rewrite to the uniform shape (see ``compaction``
+    and ``_records_original_heads``): the config no longer records them, and indices are only checked to be
+    non-negative. Whether the weights fit the layout is checked when they are loaded.
+
+    Args:
+        config: A causal LM config.
+        where: The file the config came from, for the messages.
+
+    Raises:
+        ValueError: Naming the field, the layer and the bad value.
+    """
+    kept_heads = getattr(config, "kept_heads", None)
+    if kept_heads is None:
+        recorded = [name for name in ("kept_key_value_heads", "key_value_index") if getattr(config, name, None)]
+        if recorded or str(config.model_type).startswith(MODEL_TYPE_PREFIX):
+            why = f"config.{recorded[0]} is set" if recorded else f"config.model_type={config.model_type!r}"
+            raise ValueError(
+                f"{where}: config.kept_heads is missing or null, but {why}: a compacted model's config records "
+                "the kept query heads of every layer (a list of lists of head indices). Save the model again with "
+                "save_pruned."
+            )
+        return
+    num_layers = config.num_hidden_layers
+    family = FAMILIES.get(config.model_type)
+    grouped = family.grouped_query if family is not None else hasattr(config, "num_key_value_heads")
+    num_heads = config.num_attention_heads
+    num_kv_heads = (getattr(config, "num_key_value_heads", None) or num_heads) if grouped else num_heads
+    bounds = (num_heads, num_kv_heads) if _records_original_heads(config, family) else (None, None)
+    # Distinct, in the order the weights hold them: merged key/value heads group their readers (``merging``).
+    _check_layers(where, "kept_heads", kept_heads, num_layers, bounds[0], order="distinct")
+    kv_heads = getattr(config, "kept_key_value_heads", None)
+    kv_index = getattr(config, "key_value_index", None)
+    if kv_heads is not None:
+        order = "distinct" if kv_index is not None else "increasing"  # repeats: before key_value_index
+        _check_layers(where, "kept_key_value_heads", kv_heads, num_layers, bounds[1], order)
+        differ = [layer for layer, (kv, heads) in enumerate(zip(kv_heads, kept_heads)) if kv != heads]
+        if not grouped and differ:
+            layer = differ[0]
+            raise ValueError(
+                f"{where}: config.kept_key_value_heads[{layer}] = {kv_heads[layer]} must equal config.kept_heads"
+                f"[{layer}] = {kept_heads[layer]} (layer {layer}): model_type={config.model_type!r} has one key/value "
+                "head per query head."
+            )
+    if kv_index is not None:
+        kv_heads = kv_heads if kv_heads is not None else kept_heads
+        _check_layers(where, "key_value_index", kv_index, num_layers, None, order=None)
+        for layer, (index, heads, kv) in enumerate(zip(kv_index, kept_heads, kv_heads)):
+            _check_key_value_index(where, layer, index, len(heads), len(kv), grouped)
+
+
+def _records_original_heads(config, family) -> bool:
+    """Whether ``config``'s head counts are the original model's (never rewritten to a uniform shape).
+
+    Only families whose config states ``head_dim`` are rewritten, and a rewritten config has fewer heads than its
+    width holds (``num_attention_heads * head_dim < hidden_size``). A model that was like that from the start (an
+    explicit ``head_dim``) is treated alike: its indices are then only checked to be non-negative.
+    """
+    if family is not None and not family.config_has_head_dim:
+        return True
+    head_dim = getattr(config, "head_dim", None)
+    return head_dim is None or config.num_attention_heads * head_dim == config.hidden_size
+
+
+def _check_layers(where: str, field: str, value, num_layers: int, bound: int | None, order: str | None) -> None:
+    """Checks that ``config.<field>`` is a list of ``num_layers`` lists of ints in ``[0, bound)`` (any int >= 0
+    when ``bound`` is None), in ``order`` (``"distinct"``, ``"increasing"``, or None for any)."""
+    if not isinstance(value, list) or not all(isinstance(layer, list) for layer in value):
+        raise ValueError(
+            f"{where}: config.{field} = {value!r} must be a list holding one list of head indices per decoder layer."
+        )
+    if len(value) != num_layers:
+        raise ValueError(
+            f"{where}: config.{field} has {len(value)} layers; the config has num_hidden_layers={num_layers}."
+        )
+    allowed = f"[0, {bound})" if bound is not None else "[0, ...)"
+    for layer, indices in enumerate(value):
+        bad = [i for i in indices if type(i) is not int or i < 0 or (bound is not None and i >= bound)]
+        if bad:
+            raise ValueError(
+                f"{where}: config.{field}[{layer}] = {indices} holds {bad[0]!r}, not a head index in {allowed} "
+                f"(layer {layer})."
+            )
+        if len(set(indices)) < len(indices) if order == "distinct" else order and any(
+                a > b for a, b in itertools.pairwise(indices)):
+            raise ValueError(f"{where}: config.{field}[{layer}] = {indices} must be {order} (layer {layer}).")
+
+
+def _check_key_value_index(where: str, layer: int, index: list, num_heads: int, num_kv: int, grouped: bool) -> None:
+    """Checks layer ``layer``'s ``key_value_index``: ``num_heads`` positions that read all ``num_kv`` kept heads."""
+    expected = list(range(num_heads)) if not grouped else None
+    if len(index) != num_heads or sorted(set(index)) != list(range(num_kv)) or expected not in (None, index):
+        allowed = f"{expected}" if expected is not None else f"{num_heads} positions covering range({num_kv})"
+        raise ValueError(
+            f"{where}: config.key_value_index[{layer}] = {index} does not fit layer {layer}'s {num_heads} kept query "
+            f"heads and {num_kv} kept key/value heads (allowed: {allowed})."
+        )
+
+
 def _stock_layout(model: PreTrainedModel) -> tuple[int, int]:
     """``(H, K)`` of the layers that the family's stock modules build from ``model.config``."""
     family = family_of(model)
@@ -261,8 +373,14 @@ def stock_describes(model: PreTrainedModel) -> bool:
     loads with plain ``from_pretrained``. False when compaction gave the output projections biases that the
     family's config cannot state (``config.attention_output_bias``, see ``families.add_output_biases``).
     """
-    if getattr(model.config, OUTPUT_BIAS_ATTRIBUTE, False):
-        return False
+    return not getattr(model.config, OUTPUT_BIAS_ATTRIBUTE, False) and uniform_layers(model)
+
+
+def uniform_layers(model: PreTrainedModel) -> bool:
+    """Whether every layer has the head layout that the family's stock modules build from ``model.config``.
+
+    False for a model compacted to layers of different sizes or unequal groups (``config.kept_heads``).
+    """
     indices = key_value_indices(model.config)
     return indices is None or all(_is_stock(kv_index, *_stock_layout(model)) for kv_index in indices)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import itertools
 import json
 import os
 import shutil
@@ -33,14 +32,15 @@ import tempfile
 from typing import Any
 
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from sentinel_lightning import families, pruned_modeling
 from sentinel_lightning.checks import describe_nonfinite, nonfinite_parameters
 from sentinel_lightning.compaction import compact
 from sentinel_lightning.gates import find_causal_lm, find_gates
-from sentinel_lightning.pruned_modeling import rebuild_layers, stock_describes
+from sentinel_lightning.pruned_modeling import MODEL_TYPE_PREFIX, check_kept_heads, rebuild_layers, stock_describes
 
 MODELING_MODULE = "modeling_pruned"  # the generated entry module of a folder saved with modeling code
 # Files and folders that a Hugging Face model or tokenizer save writes (fnmatch patterns): what an overwriting
@@ -60,15 +60,27 @@ MODEL_FILE_PATTERNS = (
 _MODELING_TEMPLATE = '''"""Written by sentinel-lightning's save_pruned: {base} with the attention layers of its config.
 
 Loads with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``; needs torch and transformers.
+The config's ``model_type`` is ``{model_type}``, not ``{base_type}``, so that plain transformers, which cannot build
+these layers, asks for ``trust_remote_code`` instead of loading another model.
 """
 
 from {base_module} import {base}
+from {config_module} import {config}
 
+from .families import FAMILIES
 from .pruned_modeling import rebuild_layers, share_checkpoint_conversions
+
+FAMILIES.setdefault("{model_type}", FAMILIES["{base_type}"])
+
+
+class {config_name}({config}):
+    model_type = "{model_type}"
 
 
 class {name}({base}):
     """{base} whose layers keep the heads ``config.kept_heads`` records (see ``pruned_modeling``)."""
+
+    config_class = {config_name}
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -77,8 +89,6 @@ class {name}({base}):
 
 share_checkpoint_conversions({name}, {base})
 '''
-
-
 @contextlib.contextmanager
 def _without_quantization_config(model: PreTrainedModel):
     """Hides a left-over ``quantization_config`` (a GGUF origin) of a de-quantised model while it is saved."""
@@ -147,10 +157,13 @@ def check_output_directory(directory: str, overwrite: bool, option: str = "overw
         option: How the error names the option that allows it (``--overwrite true`` on the command line).
 
     Raises:
+        ValueError: When ``directory`` is empty or not a path.
         NotADirectoryError: When ``directory`` exists and is not a folder.
         FileExistsError: When ``directory`` is a folder holding files and ``overwrite`` is False; the message
             names the folder, the files found and ``option``.
     """
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory).strip():
+        raise ValueError(f"directory={directory!r} must be the path of a folder to save the model into.")
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"directory={directory!r} is a file, not a folder to save a model into.")
     found = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
@@ -226,18 +239,59 @@ def _write_modeling_code(model: PreTrainedModel, directory: str) -> None:
     """
     for module in (families, pruned_modeling):
         shutil.copyfile(module.__file__, os.path.join(directory, os.path.basename(module.__file__)))
-    base = _causal_lm_class(type(model.config))
-    name = f"Pruned{base.__name__}"
-    code = _MODELING_TEMPLATE.format(base=base.__name__, base_module=base.__module__, name=name)
+    config_class = type(model.config)
+    base = _causal_lm_class(config_class)
+    name, config_name = f"Pruned{base.__name__}", f"Pruned{config_class.__name__}"
+    base_type = config_class.model_type
+    model_type = MODEL_TYPE_PREFIX + base_type
+    code = _MODELING_TEMPLATE.format(
+        base=base.__name__, base_module=base.__module__, name=name, config=config_class.__name__,
+        config_module=config_class.__module__, config_name=config_name, model_type=model_type, base_type=base_type,
+    )
     with open(os.path.join(directory, f"{MODELING_MODULE}.py"), "w", encoding="utf-8") as file:
         file.write(code)
     config_path = os.path.join(directory, "config.json")
     with open(config_path, encoding="utf-8") as file:
         config = json.load(file)
-    config["auto_map"] = {**config.get("auto_map", {}), "AutoModelForCausalLM": f"{MODELING_MODULE}.{name}"}
+    config["model_type"] = model_type
+    config["auto_map"] = {
+        **config.get("auto_map", {}),
+        "AutoConfig": f"{MODELING_MODULE}.{config_name}",
+        "AutoModelForCausalLM": f"{MODELING_MODULE}.{name}",
+    }
     with open(config_path, "w", encoding="utf-8") as file:
         json.dump(config, file, indent=2, sort_keys=True)
         file.write("\n")
+
+
+def needs_modeling_code(directory: str) -> bool:
+    """Whether ``directory`` holds a model folder that only its own modeling code builds (see ``save_pruned``).
+
+    True for a ``model_type`` of sentinel-lightning's own, and for folders saved before it existed, which point
+    ``AutoModelForCausalLM`` at ``modeling_pruned``.
+    """
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as file:
+        config = json.load(file)
+    auto_model = str((config.get("auto_map") or {}).get("AutoModelForCausalLM", ""))
+    return str(config.get("model_type", "")).startswith(MODEL_TYPE_PREFIX) or auto_model.startswith(MODELING_MODULE)
+
+
+def _read_config(directory: str) -> PretrainedConfig:
+    """The config of a saved folder, as the family's own config class (a ``sentinel_<family>`` type read as
+    ``<family>``), without running the folder's code."""
+    config_dict, _ = PretrainedConfig.get_config_dict(directory)
+    model_type = str(config_dict.get("model_type", ""))
+    if model_type.startswith(MODEL_TYPE_PREFIX):
+        base_type = model_type[len(MODEL_TYPE_PREFIX):]
+        if base_type not in CONFIG_MAPPING:
+            raise ValueError(f"{directory!r}: config.model_type={model_type!r} names no family transformers knows.")
+        config_dict = {**config_dict, "model_type": base_type}
+        config_dict.pop("auto_map", None)
+        return CONFIG_MAPPING[base_type].from_dict(config_dict)
+    return AutoConfig.from_pretrained(directory)
 
 
 def _causal_lm_class(config_class: type) -> type[PreTrainedModel]:
@@ -266,10 +320,17 @@ def load_pruned(directory: str, **kwargs: Any) -> PreTrainedModel:
     """
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"directory={directory!r} has no config.json; save the model with save_pruned.")
-    config = AutoConfig.from_pretrained(directory)
+    config = _read_config(directory)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ValueError(f"directory={directory!r} holds a {type(config).__name__}, which is not a causal LM config.")
-    check_kept_heads(config, where=os.path.join(directory, "config.json"))
+    where = os.path.join(directory, "config.json")
+    if needs_modeling_code(directory) and getattr(config, "kept_heads", None) is None:
+        raise ValueError(
+            f"{where}: config.kept_heads is missing or null, but the folder needs its modeling code: a compacted "
+            "model's config records the kept query heads of every layer (a list of lists of head indices). Save the "
+            "model again with save_pruned."
+        )
+    check_kept_heads(config, where=where)
     base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
     def __init__(self, config, *args, **kwargs) -> None:
@@ -307,7 +368,8 @@ def _mismatch_message(directory: str, model: PreTrainedModel, mismatched) -> str
         if layer is None:
             parts.append(f"outside the decoder layers: {', '.join(shapes)}")
             continue
-        recorded = f"config.kept_heads[{layer}] = {config.kept_heads[layer]}"
+        kept = getattr(config, "kept_heads", None)
+        recorded = f"config.kept_heads[{layer}] = {kept[layer]}" if kept else "config.kept_heads missing or null"
         if kv_heads is not None:
             recorded += f", config.kept_key_value_heads[{layer}] = {kv_heads[layer]}"
         parts.append(f"layer {layer} ({recorded}): {', '.join(shapes)}")
@@ -316,102 +378,3 @@ def _mismatch_message(directory: str, model: PreTrainedModel, mismatched) -> str
         "kept_heads, kept_key_value_heads or key_value_index were edited or belong to another model; save the "
         "model again with save_pruned."
     )
-
-
-def check_kept_heads(config, where: str = "config") -> None:
-    """Checks the layout a compacted config records before a model is built from it (nothing to check if none).
-
-    ``kept_heads`` must hold one list per decoder layer of distinct original query head indices in ``[0, H)``
-    (ascending, except where merged key/value heads group their readers); ``kept_key_value_heads`` likewise of
-    key/value head indices in ``[0, K)`` (increasing with repeats in folders saved before ``key_value_index``
-    existed); ``key_value_index[l]`` one position in
-    ``range(len(kept_key_value_heads[l]))`` per kept query head (the identity without grouped-query attention).
-    ``H`` and ``K`` are the config's head counts, except after a rewrite to the uniform shape (see ``compaction``
-    and ``_records_original_heads``): the config no longer records them, and indices are only checked to be
-    non-negative. Whether the weights fit the layout is checked when they are loaded.
-
-    Args:
-        config: A causal LM config.
-        where: The file the config came from, for the messages.
-
-    Raises:
-        ValueError: Naming the field, the layer and the bad value.
-    """
-    kept_heads = getattr(config, "kept_heads", None)
-    if kept_heads is None:
-        return
-    num_layers = config.num_hidden_layers
-    family = families.FAMILIES.get(config.model_type)
-    grouped = family.grouped_query if family is not None else hasattr(config, "num_key_value_heads")
-    num_heads = config.num_attention_heads
-    num_kv_heads = (getattr(config, "num_key_value_heads", None) or num_heads) if grouped else num_heads
-    bounds = (num_heads, num_kv_heads) if _records_original_heads(config, family) else (None, None)
-    # Distinct, in the order the weights hold them: merged key/value heads group their readers (``merging``).
-    _check_layers(where, "kept_heads", kept_heads, num_layers, bounds[0], order="distinct")
-    kv_heads = getattr(config, "kept_key_value_heads", None)
-    kv_index = getattr(config, "key_value_index", None)
-    if kv_heads is not None:
-        order = "distinct" if kv_index is not None else "increasing"  # repeats: before key_value_index
-        _check_layers(where, "kept_key_value_heads", kv_heads, num_layers, bounds[1], order)
-        differ = [layer for layer, (kv, heads) in enumerate(zip(kv_heads, kept_heads)) if kv != heads]
-        if not grouped and differ:
-            layer = differ[0]
-            raise ValueError(
-                f"{where}: config.kept_key_value_heads[{layer}] = {kv_heads[layer]} must equal config.kept_heads"
-                f"[{layer}] = {kept_heads[layer]} (layer {layer}): model_type={config.model_type!r} has one key/value "
-                "head per query head."
-            )
-    if kv_index is not None:
-        kv_heads = kv_heads if kv_heads is not None else kept_heads
-        _check_layers(where, "key_value_index", kv_index, num_layers, None, order=None)
-        for layer, (index, heads, kv) in enumerate(zip(kv_index, kept_heads, kv_heads)):
-            _check_key_value_index(where, layer, index, len(heads), len(kv), grouped)
-
-
-def _records_original_heads(config, family) -> bool:
-    """Whether ``config``'s head counts are the original model's (never rewritten to a uniform shape).
-
-    Only families whose config states ``head_dim`` are rewritten, and a rewritten config has fewer heads than its
-    width holds (``num_attention_heads * head_dim < hidden_size``). A model that was like that from the start (an
-    explicit ``head_dim``) is treated alike: its indices are then only checked to be non-negative.
-    """
-    if family is not None and not family.config_has_head_dim:
-        return True
-    head_dim = getattr(config, "head_dim", None)
-    return head_dim is None or config.num_attention_heads * head_dim == config.hidden_size
-
-
-def _check_layers(where: str, field: str, value, num_layers: int, bound: int | None, order: str | None) -> None:
-    """Checks that ``config.<field>`` is a list of ``num_layers`` lists of ints in ``[0, bound)`` (any int >= 0
-    when ``bound`` is None), in ``order`` (``"distinct"``, ``"increasing"``, or None for any)."""
-    if not isinstance(value, list) or not all(isinstance(layer, list) for layer in value):
-        raise ValueError(
-            f"{where}: config.{field} = {value!r} must be a list holding one list of head indices per decoder layer."
-        )
-    if len(value) != num_layers:
-        raise ValueError(
-            f"{where}: config.{field} has {len(value)} layers; the config has num_hidden_layers={num_layers}."
-        )
-    allowed = f"[0, {bound})" if bound is not None else "[0, ...)"
-    for layer, indices in enumerate(value):
-        bad = [i for i in indices if type(i) is not int or i < 0 or (bound is not None and i >= bound)]
-        if bad:
-            raise ValueError(
-                f"{where}: config.{field}[{layer}] = {indices} holds {bad[0]!r}, not a head index in {allowed} "
-                f"(layer {layer})."
-            )
-        wrong = len(set(indices)) < len(indices) if order == "distinct" else order and any(
-            a > b for a, b in itertools.pairwise(indices))
-        if wrong:
-            raise ValueError(f"{where}: config.{field}[{layer}] = {indices} must be {order} (layer {layer}).")
-
-
-def _check_key_value_index(where: str, layer: int, index: list, num_heads: int, num_kv: int, grouped: bool) -> None:
-    """Checks layer ``layer``'s ``key_value_index``: ``num_heads`` positions that read all ``num_kv`` kept heads."""
-    expected = list(range(num_heads)) if not grouped else None
-    if len(index) != num_heads or sorted(set(index)) != list(range(num_kv)) or expected not in (None, index):
-        allowed = f"{expected}" if expected is not None else f"{num_heads} positions covering range({num_kv})"
-        raise ValueError(
-            f"{where}: config.key_value_index[{layer}] = {index} does not fit layer {layer}'s {num_heads} kept query "
-            f"heads and {num_kv} kept key/value heads (allowed: {allowed})."
-        )

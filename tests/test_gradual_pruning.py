@@ -31,7 +31,7 @@ def test_step_schedule_prunes_inside_the_epoch_at_its_steps():
 
 
 def test_step_schedule_keys_are_positive_steps():
-    with pytest.raises(ValueError, match=r"schedule has step 0; with interval='step' keys are integers >= 1"):
+    with pytest.raises(ValueError, match=r"key 0; with interval='step' every key is an integer step index >= 1"):
         HeadPruning(schedule={0: 0.1}, interval="step")
     with pytest.raises(ValueError, match=r"interval='batch' is not one of \('epoch', 'step'\)"):
         HeadPruning(interval="batch")

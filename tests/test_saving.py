@@ -106,7 +106,11 @@ def test_save_and_load_pruned_round_trip(family, tokens, tmp_path):
     assert config["kept_heads"] == [[], [1, 2, 3], [0, 2]]
     # Not uniform (an empty layer): saved with its modeling code, which the config points at.
     assert all(os.path.isfile(tmp_path / name) for name in CODE_FILES)
-    assert config["auto_map"] == {"AutoModelForCausalLM": f"{MODELING_MODULE}.Pruned{type(gated).__name__}"}
+    assert config["auto_map"] == {
+        "AutoConfig": f"{MODELING_MODULE}.Pruned{type(gated.config).__name__}",
+        "AutoModelForCausalLM": f"{MODELING_MODULE}.Pruned{type(gated).__name__}",
+    }
+    assert config["model_type"] == f"sentinel_{gated.config.model_type}"  # plain transformers must not build it
 
 
 def uniform_model(family: str):
@@ -157,7 +161,7 @@ def test_unequal_layers_refuse_plain_from_pretrained_but_load_pruned(tokens, tmp
     gated = tiny_model("llama", num_layers=2, num_heads=6, num_kv_heads=2, width=48)
     attach_gates(gated).prune([(0, 0), (1, 2), (1, 3)])
     save_pruned(gated, str(tmp_path))
-    with pytest.raises(RuntimeError):  # never silently re-initialised
+    with pytest.raises(ValueError, match="trust_remote_code"):  # never silently re-initialised
         AutoModelForCausalLM.from_pretrained(str(tmp_path))
     with torch.no_grad():
         assert (load_pruned(str(tmp_path))(tokens).logits - gated(tokens).logits).abs().max().item() <= 1e-4

@@ -68,6 +68,7 @@ class HeadMetrics(HeadEventListener):
         self._step_examples = 0
         self._pending_state: dict[str, Any] | None = None
         self._second_moment = False
+        self._batch_open = False  # between on_train_batch_start and finish_batch
 
     @property
     def entropy(self):
@@ -135,11 +136,27 @@ class HeadMetrics(HeadEventListener):
         products = self.statistics.output_second_moment is not None
         model = find_causal_lm(pl_module)
         self._outputs = HeadOutputRecording(model, *self.statistics.prior_outputs(), products=products).start()
+        self._batch_open = True
 
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
+        self.finish_batch()
+        # Epoch-level summaries of this rank's accumulators (per-step logging would repeat stale values).
+        for name, metric in (("mean_entropy", self.statistics.entropy), ("mean_grad_norm", self.statistics.grad_norm)):
+            if metric.weight > 0:
+                pl_module.log(f"head_metrics/{name}", metric.total.mean() / metric.weight, on_step=False, on_epoch=True)
+
+    def finish_batch(self) -> None:
+        """Adds the training batch that just ran to the statistics (once; later calls in the batch do nothing).
+
+        ``on_train_batch_end`` calls it; so does ``HeadPruning`` before a decision inside the same hook, so that
+        the decision sees this batch whatever the order of the callbacks.
+        """
+        if not self._batch_open:
+            return
+        self._batch_open = False
         self.batches_seen += 1
         self._close_outputs()
         recording = self._stop_recording()
@@ -151,13 +168,10 @@ class HeadMetrics(HeadEventListener):
                     "HeadMetrics: the training step did not run every attention layer of the gated model with a real "
                     f"token (layers run: {recording.recorded.tolist()}); no entropy recorded for this batch."
                 )
-        # Epoch-level summaries of this rank's accumulators (per-step logging would repeat stale values).
-        for name, metric in (("mean_entropy", self.statistics.entropy), ("mean_grad_norm", self.statistics.grad_norm)):
-            if metric.weight > 0:
-                pl_module.log(f"head_metrics/{name}", metric.total.mean() / metric.weight, on_step=False, on_epoch=True)
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._batch_open = False
         self._stop_recording()
         outputs, self._outputs = self._outputs, None
         if outputs is not None:

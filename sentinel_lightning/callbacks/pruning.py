@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,10 +40,60 @@ INTERVALS = ("epoch", "step")
 COMPENSATIONS = ("none", "mean", "linear")
 
 
-def _check_fraction(target: Any, where: str) -> float:
+class ScheduleKey(int):
+    """The key type of a schedule mapping: an epoch index (from 0) or an optimizer step (from 1); plain ints do.
+
+    Not a bare ``int`` so that the command line (jsonargparse, which would truncate a key 1.5 to 1) hands keys
+    over as written, for ``check_schedule`` to refuse by name.
+    """
+
+
+def _check_fraction(target: Any, where: str, name: str = "schedule") -> float:
     if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0.0 <= float(target) < 1.0:
-        raise ValueError(f"schedule {where} has target {target!r}; a target is a fraction of all heads in [0, 1).")
+        raise ValueError(f"{name} {where} has target {target!r}; a target is a fraction of all heads in [0, 1).")
     return float(target)
+
+
+def _schedule_key(key: Any) -> int | None:
+    """``key`` as an int when it is one, or the decimal digits of one (a YAML key saved as a string); else None."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str) and key.strip().isdecimal():
+        return int(key)
+    return None
+
+
+def check_schedule(schedule: Mapping, interval: str, name: str = "schedule") -> dict[int, float]:
+    """Checks a schedule mapping and returns it with int keys (decimal-digit strings, as YAML may hold, converted).
+
+    Keys must be integers (``interval="epoch"``: epoch indices >= 0; ``"step"``: optimizer steps >= 1; a float
+    such as 1.5 is refused, never truncated), targets fractions in [0, 1), non-decreasing in key order. ``name``
+    is how the messages call the schedule (``--pruning.schedule`` on the command line).
+    """
+    if not isinstance(schedule, Mapping):
+        raise ValueError(f"{name}={schedule!r} must be a mapping of {interval} -> fraction or a callable.")
+    first = 0 if interval == "epoch" else 1
+    checked: dict[int, float] = {}
+    for key, target in schedule.items():
+        index = _schedule_key(key)
+        if index is None or index < first:
+            raise ValueError(
+                f"{name}={dict(schedule)!r} has the key {key!r}; with interval={interval!r} every key is an integer "
+                f"{interval} index >= {first} (e.g. {{{first}: 0.1, {first + 1}: 0.2}}), not a float or a word."
+            )
+        if index in checked:
+            raise ValueError(f"{name}={dict(schedule)!r} names {interval} {index} twice.")
+        checked[index] = _check_fraction(target, f"{interval} {index}", name)
+    previous = 0.0
+    for index in sorted(checked):
+        target = checked[index]
+        if target < previous:
+            raise ValueError(
+                f"{name}={dict(schedule)!r} decreases at {interval} {index} ({target} < {previous}); targets must be "
+                "non-decreasing (use HeadReactivation to give heads back)."
+            )
+        previous = target
+    return dict(sorted(checked.items()))
 
 
 class HeadPruning(L.Callback):
@@ -72,7 +123,9 @@ class HeadPruning(L.Callback):
         schedule: Maps a training epoch index (Lightning's ``current_epoch``, from 0) to the fraction of all heads
             pruned after it, non-decreasing, each in [0, 1); or a callable of the epoch index returning the
             fraction, or None for no pruning after that epoch. An empty mapping never prunes. With
-            ``interval="step"`` the keys are optimizer steps (``trainer.global_step``, from 1) instead.
+            ``interval="step"`` the keys are optimizer steps (``trainer.global_step``, from 1) instead. Keys the
+            trainer's limits (``max_epochs``, ``max_steps``, batches per epoch) cannot reach are warned about when
+            training starts, and keys a run stopped before (early stopping) when it ends (rank zero).
         scope: ``"global"`` ranks every unit together; ``"layer"`` spreads the pruning evenly over the layers;
             ``"uniform"`` leaves every layer the same shape, so that one config describes the compacted model:
             with ``unit="head"`` every key/value group of every layer loses the same number of query heads (in
@@ -116,7 +169,7 @@ class HeadPruning(L.Callback):
     def __init__(
         self,
         strategy: str | Strategy = DEFAULT_STRATEGY,
-        schedule: dict[int, float] | Callable[[int], float | None] = DEFAULT_SCHEDULE,
+        schedule: dict[ScheduleKey, float] | Callable[[int], float | None] = DEFAULT_SCHEDULE,
         scope: str = "global",
         min_active_heads_per_layer: int | None = None,
         seed: int = 0,
@@ -130,23 +183,7 @@ class HeadPruning(L.Callback):
         self.strategy_name = strategy if isinstance(strategy, str) else getattr(strategy, "__name__", "custom")
         self.score = resolve_strategy(strategy, seed)
         if not callable(schedule):
-            if not isinstance(schedule, Mapping):
-                raise ValueError(f"schedule={schedule!r} must be a mapping of epoch -> fraction or a callable.")
-            previous = 0.0
-            first = 0 if interval == "epoch" else 1
-            for epoch in sorted(schedule):
-                if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < first:
-                    raise ValueError(
-                        f"schedule has {interval} {epoch!r}; with interval={interval!r} keys are integers >= {first}."
-                    )
-                target = _check_fraction(schedule[epoch], f"epoch {epoch}")
-                if target < previous:
-                    raise ValueError(
-                        f"schedule={dict(schedule)} decreases at epoch {epoch} ({target} < {previous}); targets must "
-                        "be non-decreasing (use HeadReactivation to give heads back)."
-                    )
-                previous = target
-            schedule = dict(schedule)
+            schedule = check_schedule(schedule, interval)
         self.min_active_heads_per_layer = resolve_minimum(unit, scope, min_active_heads_per_layer)
         self.schedule = schedule
         self.interval = interval
@@ -173,7 +210,7 @@ class HeadPruning(L.Callback):
         """The scheduled fraction of all heads pruned after ``epoch``, or None when nothing is scheduled then."""
         if callable(self.schedule):
             target = self.schedule(epoch)
-            return None if target is None else _check_fraction(target, f"callable at epoch {epoch}")
+            return None if target is None else _check_fraction(target, f"callable at {self.interval} {epoch}")
         return self.schedule.get(epoch)
 
     @override
@@ -219,13 +256,13 @@ class HeadPruning(L.Callback):
         reached = self._reachable(target)
         if reached > prunable:
             raise ValueError(
-                f"schedule target {target} at epoch {epoch} asks for {reached} of {total} heads, but unit="
+                f"schedule target {target} at {self.interval} {epoch} asks for {reached} of {total} heads, but unit="
                 f"{self.unit!r}, scope={self.scope!r} and min_active_heads_per_layer={self.min_active_heads_per_layer} "
                 f"leave only {prunable} prunable (at most {prunable / total:.3f}) with G={self.group_size} query "
                 "heads per key/value head; lower the target or min_active_heads_per_layer."
             )
 
-    def _warn_if_rounded(self, epoch: int, target: float, reached: int) -> None:
+    def _warn_if_rounded(self, when: str, target: float, reached: int) -> None:
         """Warns when whole units move ``target`` by more than rounding it to whole heads would."""
         gates = self._gates
         total = gates.num_layers * gates.num_heads
@@ -233,26 +270,70 @@ class HeadPruning(L.Callback):
             step = pruning_step(self.unit, self.scope, gates.num_heads, self.group_size)
             shape = f"{step} heads per layer in every layer" if self.scope == "uniform" else f"units of {step} heads"
             rank_zero_warn(
-                f"HeadPruning(unit={self.unit!r}, scope={self.scope!r}) at epoch {epoch}: target {target} "
+                f"HeadPruning(unit={self.unit!r}, scope={self.scope!r}) at {when}: target {target} "
                 f"({target * total:g} of {total} query heads) rounds to {reached / total:.4g} ({reached} heads), the "
                 f"nearest that whole steps of {shape} reach."
             )
 
-    def _warn_if_short(self, epoch: int, target: float, count: int, heads: list[tuple[int, int]]) -> None:
+    def _warn_if_short(self, when: str, target: float, count: int, heads: list[tuple[int, int]]) -> None:
         """Warns when the chosen heads fall short of ``count`` by half a unit or more, or break a uniform shape."""
         gates = self._gates
         if 2 * (count - len(heads)) >= unit_size(self.unit, gates.num_heads, self.group_size):
             rank_zero_warn(
-                f"HeadPruning at epoch {epoch}: the target {target} needs {count} more pruned heads but only "
+                f"HeadPruning at {when}: the target {target} needs {count} more pruned heads but only "
                 f"{len(heads)} had finite scores and were neither protected nor needed for the per-layer minimum "
                 f"(unit={self.unit!r}, scope={self.scope!r})."
             )
         if self.scope == "uniform" and uniform_shape(gates.active, self.group_size) is None:
             rank_zero_warn(
-                f"HeadPruning(scope='uniform') at epoch {epoch}: the pruned model is not uniform (active query heads "
+                f"HeadPruning(scope='uniform') at {when}: the pruned model is not uniform (active query heads "
                 f"per layer: {gates.active.sum(dim=1).tolist()}): heads given back by HeadReactivation are protected "
                 "or more heads are pruned somewhere than the target's uniform shape; a later event evens it out."
             )
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        last = self._last_reachable(trainer)
+        unreachable = self._scheduled_after(last)
+        if unreachable:
+            rank_zero_warn(
+                f"HeadPruning: the trainer's limits (max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}, "
+                f"{trainer.num_training_batches} training batches per epoch, accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches}) end the run at {self.interval} {last}, before the scheduled "
+                f"{self._describe(unreachable)}; those targets will not be reached. Raise the limits or move the keys."
+            )
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # epoch keys reached: the epochs whose end ran (current_epoch counts them); step keys: global_step
+        reached = trainer.current_epoch - 1 if self.interval == "epoch" else trainer.global_step
+        missed = self._scheduled_after(reached)
+        if missed:
+            rank_zero_warn(
+                f"HeadPruning: the run stopped at epoch {trainer.current_epoch}, step {trainer.global_step}, before "
+                f"the scheduled {self._describe(missed)}; {self._gates.sparsity:.3f} of the heads are pruned."
+            )
+
+    def _scheduled_after(self, last: float) -> dict[int, float]:
+        """The schedule's entries after the ``interval`` index ``last`` (none for a callable schedule)."""
+        schedule = {} if callable(self.schedule) else self.schedule
+        return {key: target for key, target in schedule.items() if key > last}
+
+    def _describe(self, entries: dict[int, float]) -> str:
+        return ", ".join(f"{self.interval} {key} (target {target})" for key, target in entries.items())
+
+    def _last_reachable(self, trainer: L.Trainer) -> float:
+        """The last epoch index whose end, or the last optimizer step, the trainer's limits let the run reach."""
+        epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else math.inf
+        steps = trainer.max_steps if trainer.max_steps >= 0 else math.inf
+        batches = trainer.num_training_batches
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else math.inf
+        if self.interval == "step":
+            return min(steps, epochs * per_epoch if per_epoch > 0 else 0)
+        if per_epoch == 0:
+            return -1  # no training batch: no epoch runs
+        started = math.ceil(steps / per_epoch) if math.isfinite(steps) and math.isfinite(per_epoch) else math.inf
+        return min(epochs, started) - 1  # an epoch runs (and ends) when it starts before max_steps
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -287,11 +368,14 @@ class HeadPruning(L.Callback):
         gates = self._gates
         total = gates.num_layers * gates.num_heads
         reached = self._reachable(target)
-        self._warn_if_rounded(epoch, target, reached)
+        moment = f"{self.interval} {when}"
+        self._warn_if_rounded(moment, target, reached)
         count = reached - (total - gates.num_active)
         if count <= 0:
             return
         head_metrics = find_callback(trainer, HeadMetrics)
+        if head_metrics is not None:
+            head_metrics.finish_batch()  # this batch counts, whether HeadMetrics comes before or after this callback
         note = self._check_finite(trainer, pl_module, head_metrics)
         metrics = {"active": gates.active.cpu()}
         if head_metrics is not None:
@@ -302,11 +386,14 @@ class HeadPruning(L.Callback):
         )
         heads = trainer.strategy.broadcast(heads, src=0)  # one decision for every rank
         if heads:
+            before_prune = getattr(pl_module, "on_before_prune", None)
+            if callable(before_prune):  # the model as it is now, before any gate or compensation changes
+                before_prune(trainer, heads)
             compensation = metrics.get("output_mean") if self.compensate != "none" else None
             self.prune(trainer, gates, heads, metrics.get("grad_norm"), compensation)
             if self.compensate == "linear":
                 self.fit_linear_compensation(gates, metrics, sorted({layer for layer, _ in heads}))
-        self._warn_if_short(epoch, target, count, heads)
+        self._warn_if_short(moment, target, count, heads)
         if not heads:
             return
         value = trainer.callback_metrics.get(self.monitor)
@@ -374,9 +461,12 @@ class HeadPruning(L.Callback):
                 continue
             gates.set_linear_compensation(layer, constants, matrix)
         if unusable:
+            with_mean = [layer for layer in unusable if torch.isfinite(mean[layer]).all()]
+            zero = [layer for layer in unusable if layer not in with_mean]
             rank_zero_warn(
                 f"HeadPruning(compensate='linear'): no finite output statistics or fit for layer(s) {unusable}; "
-                "their pruned heads write their mean output instead."
+                f"their pruned heads write instead their mean output (layers {with_mean}) or zero where no finite mean "
+                f"was recorded either (layers {zero})."
             )
 
     @override

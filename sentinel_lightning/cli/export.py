@@ -47,6 +47,24 @@ def load_checkpoint(ckpt_path: str):
     return module
 
 
+def check_not_model_folder(output_dir: str, model: str | None, ckpt_path: str) -> None:
+    """Refuses an ``output_dir`` that is, holds or lies inside the model folder the checkpoint was trained from.
+
+    That folder (``--model.model``, kept in the checkpoint's hyperparameters) is what the checkpoint rebuilds its
+    model from: exporting into it would replace it, and the checkpoint could neither be exported nor resumed again.
+    Whatever ``--overwrite`` says.
+    """
+    if not isinstance(model, str) or not os.path.isdir(model):
+        return  # a hub name or the embedded default: no local folder to protect
+    source, target = os.path.realpath(model), os.path.realpath(output_dir)
+    if os.path.commonpath([source, target]) in (source, target):
+        raise ValueError(
+            f"--output_dir={output_dir!r} is, holds or lies inside {model!r}, the model folder that ckpt_path="
+            f"{ckpt_path!r} was trained from (--model.model) and is rebuilt from; exporting there would destroy the "
+            "checkpoint's base model, even with --overwrite. Choose another folder."
+        )
+
+
 def export_checkpoint(ckpt_path: str, output_dir: str, overwrite: bool = False) -> dict[str, Any]:
     """Turns a fine-tune-with-pruning checkpoint into a compact model folder that loads and serves on its own.
 
@@ -77,6 +95,7 @@ def export_checkpoint(ckpt_path: str, output_dir: str, overwrite: bool = False) 
     check_output_directory(output_dir, overwrite, option="--overwrite true")  # before the checkpoint is loaded
     module = load_checkpoint(ckpt_path)
     hparams = module.hparams
+    check_not_model_folder(output_dir, hparams.get("model"), ckpt_path)
     tokenizer = None
     if hparams.get("model") is not None or hparams.get("model_config") is None:
         try:

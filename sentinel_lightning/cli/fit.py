@@ -9,20 +9,25 @@ after epoch 0 and 30% after epoch 1 (compensated gradient score, linear compensa
 CPU.
 
 Unless the trainer is given a ``ModelCheckpoint`` of its own, the job keeps two checkpoints in its log folder:
-``checkpoints/last.ckpt`` (the latest epoch) and ``checkpoints/best/`` (the lowest finite ``val_ppl``). A run whose
-loss, ``val_ppl`` or weights become non-finite stops with a ``DivergenceError`` (``DivergenceGuard``) before it
-writes a checkpoint of the diverged model; ``--divergence.on_nonfinite skip`` skips such training steps instead.
+``checkpoints/last.ckpt`` (the model at the end of the latest epoch, after its pruning) and ``checkpoints/best/``
+(the model with the lowest finite ``val_ppl``, saved when validation measured it, before that epoch's pruning).
+A run whose loss, ``val_ppl`` or weights become non-finite stops with a ``DivergenceError`` (``DivergenceGuard``)
+before it writes a checkpoint of the diverged model; ``--divergence.on_nonfinite skip`` skips such training steps
+instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import lightning as L
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 from rich.table import Table
+from typing_extensions import override
 
 from sentinel_lightning.callbacks import (
     DivergenceGuard,
@@ -32,6 +37,7 @@ from sentinel_lightning.callbacks import (
     HeadReactivation,
     KeyValueMerging,
 )
+from sentinel_lightning.callbacks.pruning import check_schedule
 from sentinel_lightning.cli.configs import resolve_config_arguments
 from sentinel_lightning.data import LanguageModelingDataModule
 from sentinel_lightning.gates import find_gates
@@ -59,8 +65,29 @@ JOB_DEFAULTS = {
     "pruning.schedule": {0: 0.15, 1: 0.3},
 }
 SEED = 0
-# The job's checkpoints: last.ckpt, and the lowest finite val_ppl under best/ (NaN never counts as better).
-CHECKPOINT = {"monitor": "val_ppl", "mode": "min", "save_last": True, "filename": "best/{epoch}-{step}-{val_ppl:.3f}"}
+# The job's checkpoints. last.ckpt is written at the end of every epoch, after that epoch's pruning. The lowest
+# finite val_ppl (NaN never counts as better) goes under best/, written as soon as validation has measured it, so
+# before the pruning at that epoch's end: the checkpoint holds the very model its val_ppl was measured on.
+BEST_CHECKPOINT = {
+    "monitor": "val_ppl", "mode": "min", "filename": "best/{epoch}-{step}-{val_ppl:.3f}",
+    "save_on_train_epoch_end": False,
+}
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Writes ``last.ckpt`` at the end of every training epoch, after the epoch's pruning, and nothing else.
+
+    A plain ``ModelCheckpoint(save_last=True, save_top_k=0)`` writes no ``last.ckpt`` (it saves the last one only
+    in a step that saved another).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(save_last=True, save_top_k=0, save_on_train_epoch_end=True)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class SentinelCLI(LightningCLI):
@@ -85,6 +112,9 @@ class SentinelCLI(LightningCLI):
         """The data's tokenizer defaults to the model's own, progress shows in a rich progress bar, and the job
         keeps its last and its best checkpoint (``CHECKPOINT``) unless given a ``ModelCheckpoint`` of its own."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if isinstance(config.pruning.schedule, Mapping):  # keys come as written (1.5, "x"): refused here by name
+            schedule, interval = config.pruning.schedule, config.pruning.interval
+            config.pruning.schedule = check_schedule(schedule, interval, "--pruning.schedule")
         if config.data.tokenizer is None and isinstance(config.model.model, str):
             config.data.tokenizer = config.model.model
             config.data.gguf_file = config.model.gguf_file
@@ -92,8 +122,9 @@ class SentinelCLI(LightningCLI):
         if config.trainer.enable_progress_bar is not False and not any("ProgressBar" in str(c) for c in callbacks):
             callbacks.append(Namespace(class_path=f"{RichProgressBar.__module__}.RichProgressBar"))
         if config.trainer.enable_checkpointing is not False and not any("ModelCheckpoint" in str(c) for c in callbacks):
-            init_args = Namespace(**CHECKPOINT)
-            callbacks.append(Namespace(class_path=f"{ModelCheckpoint.__module__}.ModelCheckpoint", init_args=init_args))
+            callbacks.append(Namespace(class_path=f"{LastCheckpoint.__module__}.LastCheckpoint"))
+            class_path = f"{ModelCheckpoint.__module__}.ModelCheckpoint"
+            callbacks.append(Namespace(class_path=class_path, init_args=Namespace(**BEST_CHECKPOINT)))
         config.trainer.callbacks = callbacks
 
     def _validation_perplexity(self) -> float:
@@ -106,15 +137,17 @@ class SentinelCLI(LightningCLI):
     def after_fit(self) -> None:
         perplexity_after = self._validation_perplexity()
         gates = find_gates(self.model)
-        checkpoint = self.trainer.checkpoint_callback
+        checkpoints = self.trainer.checkpoint_callbacks
+        last = next((c.last_model_path for c in checkpoints if getattr(c, "last_model_path", "")), "")
+        best = next((c.best_model_path for c in checkpoints if getattr(c, "best_model_path", "")), "")
         self.report = {
             "val_ppl_before": self.perplexity_before,
             "val_ppl_after": perplexity_after,
             "pruned_heads": gates.pruned_heads(),
             "total_heads": gates.active.numel(),
             "pruned_fraction": gates.sparsity,
-            "checkpoint": getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", ""),
-            "best_checkpoint": getattr(checkpoint, "best_model_path", ""),
+            "checkpoint": last or best,
+            "best_checkpoint": best,
         }
         if self.trainer.is_global_zero:
             print_fit_report(self.report)
