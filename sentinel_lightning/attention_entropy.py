@@ -102,7 +102,9 @@ class EntropyRecording:
             return
         self.recorded[layer] = True
         for name, values in statistics.items():
-            self.totals[name][layer] += torch.einsum("bhq,bq->h", values.float(), queries.to(values.device)).cpu()
+            with torch.autocast(values.device.type, enabled=False):  # an fp32 sum, also under bf16-mixed
+                total = torch.einsum("bhq,bq->h", values.float(), queries.to(values.device, torch.float32))
+            self.totals[name][layer] += total.cpu()
         self.tokens = int(queries.sum())
 
     def start(self) -> EntropyRecording:
