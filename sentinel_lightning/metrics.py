@@ -210,6 +210,17 @@ class PerHeadMean(Metric):
             return torch.full_like(self.total, float("nan")).float()
         return (self.total / self.weight).float()
 
+    def compute_layer(self, layer: int) -> torch.Tensor:
+        """The mean of one layer, ``[num_heads, *trailing]`` (as ``compute()[layer]``), summed over every process
+        without the other layers: a DDP collective that costs one layer's state."""
+        total, weight = self.total[layer].clone(), self.weight.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(weight)
+        if weight == 0:
+            return torch.full_like(total, float("nan")).float()
+        return (total / weight).float()
+
 
 class HeadStatistics(torch.nn.Module):
     """The head metrics' estimators, shared by ``HeadMetrics`` (during fit) and ``measure_head_metrics`` (without).

@@ -111,6 +111,14 @@ class HeadMetrics(HeadEventListener):
         """
         return self._set_up_statistics("compute").compute(keys)
 
+    def output_second_moment(self, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+        """``{layer: [H, D, H * D]}``: the second moment of the given layers only (on the host), as
+        ``compute()["output_second_moment"][layer]``; a DDP collective (every rank asks for the same layers)."""
+        moment = self._set_up_statistics("output_second_moment").output_second_moment
+        if moment is None:
+            raise RuntimeError("HeadMetrics keeps no output_second_moment: call require_output_second_moment() first.")
+        return {layer: moment.compute_layer(layer).cpu() for layer in layers}
+
     def skipped(self) -> dict[str, int]:
         """``{name: n}`` per estimator: non-finite updates left out of ``compute()``'s means since the last reset,
         over every process; a DDP collective (``HeadStatistics.skipped``)."""
