@@ -74,9 +74,10 @@ def head_state_bytes(
         - ``step_head_outputs``: the heads' outputs ``[B, T, H, D]`` per layer the recording keeps from forward to
           backward, in ``activation_dtype``: views of the output projections' inputs, which autograd keeps anyway
           when that projection (or its adapter) trains.
-        - ``entropy_step_attention``: an estimate: what the entropy step's eager attention keeps for backward,
-          its probabilities ``[B, H, T, T]`` per layer in fp32 (and in ``activation_dtype`` for the product with
-          the values), where the fused kernel of the other steps keeps ``O(T)``.
+        - ``entropy_step_attention``: an estimate, transient: the entropy step's eager attention materialises one
+          layer's scores and probabilities ``[B, H, T, T]`` at a time (fp32, and the probabilities in
+          ``activation_dtype`` for the product with the values), in forward and again when backward recomputes
+          it; autograd keeps none of them (``attention_entropy``).
         - ``pruning_event``: transient, at a linear-compensation event: one layer's second moment reduced and
           averaged (``HeadMetrics.output_second_moment``: fp64 copy, fp64 mean, fp32 result), layer by layer.
         - ``teacher``: the distillation teacher: a copy of the plain weights (``"loaded"``), or of the gated
@@ -107,8 +108,8 @@ def head_state_bytes(
         "second_moment": products * FP64 + PER_HEAD_MEAN_OVERHEAD if linear else 0,
         "step_recording": 2 * heads * head_dim * FP32 + 3 * heads * FP32 + (products * FP32 if linear else 0),
         "step_head_outputs": num_layers * batch_size * sequence_length * width * activation,
-        "entropy_step_attention": num_layers * batch_size * num_heads * sequence_length**2
-        * (FP32 + (activation if activation != FP32 else 0)),
+        "entropy_step_attention": batch_size * num_heads * sequence_length**2
+        * (2 * FP32 + (activation if activation != FP32 else 0)),
         "pruning_event": width * width * (FP64 + FP64 + FP32) if linear else 0,
         "teacher": 0,
     }

@@ -8,6 +8,8 @@ from conftest import tiny_config, tiny_data, tiny_model, tiny_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from sentinel_lightning import GatedLanguageModel, GateMonitor, HeadMetrics, HeadPruning
+from sentinel_lightning.attention_entropy import EntropyRecording
+from sentinel_lightning.gates import attach_gates
 from sentinel_lightning.memory import head_state_bytes, model_bytes
 from sentinel_lightning.metrics import PerHeadMean
 
@@ -131,3 +133,23 @@ def test_gate_monitor_and_pruning_never_compute_the_whole_second_moment(tmp_path
         metrics.compute(["entropy", "curvature"])
     layer = metrics.output_second_moment([1])[1]
     assert torch.isfinite(layer).all() and torch.equal(layer, metrics.compute()["output_second_moment"][1])
+
+
+def test_the_entropy_step_keeps_no_attention_probabilities_for_backward():
+    model = tiny_model("llama")
+    gates = attach_gates(model)
+    tokens = torch.randint(0, 256, (2, 16))
+    saved = []
+    with EntropyRecording(model) as recording, torch.autograd.graph.saved_tensors_hooks(
+        lambda tensor: saved.append(tuple(tensor.shape)) or tensor, lambda tensor: tensor
+    ):
+        loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    assert recording.complete and gates.values.grad.abs().sum() > 0
+    per_head = [shape for shape in saved if len(shape) == 4 and shape[1] == 4 and shape[-2:] == (16, 16)]
+    assert saved and not per_head  # no [B, H, T, T] (the model's one [B, 1, T, T] mask is shared by the layers)
+    plain = tiny_model("llama")
+    attach_gates(plain)
+    plain.config._attn_implementation = "eager"
+    plain(input_ids=tokens, labels=tokens).loss.backward()
+    torch.testing.assert_close(gates.values.grad, plain.head_gates.values.grad)
