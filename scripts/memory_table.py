@@ -49,7 +49,7 @@ def tables(batch_size: int, sequence_length: int) -> str:
     """The markdown tables: the models for scale, then the per-head states of every setting."""
     dtype, activations = torch.bfloat16, torch.bfloat16
     lines = [
-        "| model | L x H x D | weights (bf16) | full fine-tune: fp32 grad + AdamW | LoRA r=16: adapters' grad + AdamW |",
+        "| model | L x H x D | weights (bf16) | full fine-tune: fp32 grad + AdamW | LoRA r=16: its grad + AdamW |",
         "|---|---|---|---|---|",
     ]
     configs = {name: LlamaConfig(**numbers) for name, numbers in CONFIGS.items()}
