@@ -12,6 +12,7 @@ run ends at its target and all are compared at the same fraction. Writes ``recov
     python scripts/recovery_study.py                                  # the embedded default: about 7 min a run
     python scripts/recovery_study.py --targets 0.3 --variants plain both
     python scripts/recovery_study.py --targets 0.5 --reuse-dense pruning_results/recovery.json --output-dir more/
+    python scripts/recovery_study.py --targets 0.3 --variants linear --lora   # LoRA instead of full fine-tunes
     python scripts/recovery_study.py --quick                          # a tiny model, for the tests
 """
 
@@ -52,6 +53,12 @@ VARIANTS = {
     "linear": _variant("gradient_compensated", "linear"),
     "linear+snapshot": _variant("gradient_compensated", "linear", 0.5, "before_pruning"),
 }
+# ``--lora``: every run a LoRA fine-tune, adapters on every linear layer but the head, at LoRA's usual learning
+# rate (higher than a full fine-tune's: only the adapters and the gates train).
+LORA = [
+    '--model.lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}',
+    "--model.learning_rate=0.001",
+]
 HOLD_TARGET = ["--reactivation.tolerance=1000000"]  # no reactivation: every run ends at its target
 QUICK_SETTINGS = [
     "--data.block_size=32",
@@ -68,15 +75,20 @@ def schedule_for(target: float, steps: int = 2) -> str:
     return json.dumps({epoch: round(target * (epoch + 1) / steps, 4) for epoch in range(steps)})
 
 
-def runs(targets: list[float], variants: list[str], dense: bool = True, steps: int = 2) -> dict[str, list[str]]:
-    """Each run's name and its ``fit`` options (besides the common ones); the dense run first when ``dense``."""
-    planned = {"dense": ["--pruning.schedule={}"]} if dense else {}
+def runs(
+    targets: list[float], variants: list[str], dense: bool = True, steps: int = 2, lora: bool = False
+) -> dict[str, list[str]]:
+    """Each run's name and its ``fit`` options (besides the common ones); the dense run first when ``dense``;
+    with ``lora`` every run is a LoRA fine-tune (``LORA``) and its name starts with ``lora``."""
+    prefix, extra = ("lora ", LORA) if lora else ("", [])
+    planned = {f"{prefix}dense": ["--pruning.schedule={}", *extra]} if dense else {}
     for target in targets:
         for variant in variants:
-            planned[f"{variant} {target:.0%}"] = [
+            planned[f"{prefix}{variant} {target:.0%}"] = [
                 f"--pruning.schedule={schedule_for(target, steps)}",
                 *HOLD_TARGET,
                 *VARIANTS[variant],
+                *extra,
             ]
     return planned
 
@@ -94,13 +106,14 @@ def run_one(name: str, options: list[str], common: list[str], root: str) -> dict
 
 def markdown(results: dict, command: str) -> str:
     """The results as a table: perplexity after each run and its ratio to the dense fine-tune."""
-    dense = results["runs"]["dense"]["val_ppl_after"]
+    dense_name = "dense" if "dense" in results["runs"] else "lora dense"
+    dense = results["runs"][dense_name]["val_ppl_after"]
     lines = [
         f"Command: `{command}`  ",
         f"Machine: {results['machine']}; before fine-tuning, validation perplexity "
-        f"{results['runs']['dense']['val_ppl_before']:.2f}.",
+        f"{results['runs'][dense_name]['val_ppl_before']:.2f}.",
         "",
-        "| run | pruned fraction | validation perplexity | / dense fine-tune | minutes |",
+        f"| run | pruned fraction | validation perplexity | / {dense_name} fine-tune | minutes |",
         "|---|---|---|---|---|",
     ]
     for name, run in results["runs"].items():
@@ -118,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=2, help="pruning steps, after epochs 0, 1, ... (default: 2)")
     parser.add_argument("--output-dir", default="pruning_results")
     parser.add_argument("--reuse-dense", help="recovery.json of an earlier run of this study: take its dense run")
+    parser.add_argument("--lora", action="store_true", help="LoRA fine-tunes (adapters and gates) instead of full ones")
     parser.add_argument("--quick", action="store_true", help="a tiny random model in short blocks (for the tests)")
     args = parser.parse_args(argv)
     for target in args.targets:
@@ -133,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if not 1 <= args.steps < 4:
         parser.error(f"--steps={args.steps} must lie in [1, 3]: the job trains 4 epochs and prunes at epoch ends.")
-    planned = runs(args.targets, args.variants, dense=not reused, steps=args.steps)
+    planned = runs(args.targets, args.variants, dense=not reused, steps=args.steps, lora=args.lora)
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
         "targets": args.targets,

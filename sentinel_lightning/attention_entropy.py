@@ -20,6 +20,7 @@ from types import TracebackType
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
@@ -102,7 +103,9 @@ class EntropyRecording:
             return
         self.recorded[layer] = True
         for name, values in statistics.items():
-            self.totals[name][layer] += torch.einsum("bhq,bq->h", values.float(), queries.to(values.device)).cpu()
+            with torch.autocast(values.device.type, enabled=False):  # an fp32 sum, also under bf16-mixed
+                total = torch.einsum("bhq,bq->h", values.float(), queries.to(values.device, torch.float32))
+            self.totals[name][layer] += total.cpu()
         self.tokens = int(queries.sum())
 
     def start(self) -> EntropyRecording:
@@ -152,6 +155,27 @@ def entropy_attention_forward(
     Returns:
         The attention output ``[B, T, H, D]`` and the attention probabilities ``[B, H, T, S]``.
     """
+    training = module.training
+    if not torch.is_grad_enabled():
+        return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, training)
+    # Recomputed in backward (dropout mask included): autograd keeps no [B, H, T, S] probabilities, only the
+    # inputs, and one layer's probabilities exist at a time. The recording counts a layer's first pass only.
+    return checkpoint(
+        _eager_attention, module, query, key, value, attention_mask, scaling, dropout, training, use_reentrant=False
+    )
+
+
+def _eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    dropout: float,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eager attention of ``entropy_attention_forward``, recording into the module's open recording."""
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)  # [B, H, S, D]
@@ -170,7 +194,7 @@ def entropy_attention_forward(
         with torch.no_grad():
             queries = real_queries(attention_mask, query.shape[0], *scores.shape[-2:])  # [B, T]
             recorder.record(layer, attention_statistics(probs), queries)
-    probs = F.dropout(probs, p=dropout, training=module.training).to(value.dtype)
+    probs = F.dropout(probs, p=dropout, training=training).to(value.dtype)
     output = torch.matmul(probs, value)  # [B, H, T, D]
     return output.transpose(1, 2).contiguous(), probs
 

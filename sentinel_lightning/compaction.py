@@ -43,6 +43,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from sentinel_lightning.families import AttentionFamily, family_of
 from sentinel_lightning.gates import HeadGates, detach_gates, find_causal_lm, find_gates
+from sentinel_lightning.lora import merge_adapters
 from sentinel_lightning.merging import merged_layout, reads_own_groups
 from sentinel_lightning.pretrained import forget_quantization
 from sentinel_lightning.pruned_modeling import equal_groups, key_value_indices, resize_attention
@@ -109,15 +110,16 @@ def compact(model: nn.Module) -> PreTrainedModel:
     hooks, whose logits equal the gated model's (see the module docstring and ``families.py``).
 
     Args:
-        model: A gated causal LM (see ``attach_gates``), or a LightningModule holding one. A model without gates
-            is returned as an eval-mode copy (nothing is pruned).
+        model: A gated causal LM (see ``attach_gates``), a ``peft`` LoRA model of one, or a LightningModule
+            holding either; LoRA adapters are merged into their base weights first (``lora.merge_adapters``). A
+            model without gates is returned as an eval-mode copy (nothing is pruned).
 
     Returns:
         The compacted model. ``config.kept_heads``, ``config.kept_key_value_heads`` and ``config.key_value_index``
         (lists over layers) record the original heads each layer kept and which key/value head each query head
         reads (see the module docstring).
     """
-    source = find_causal_lm(model)
+    source = merge_adapters(model)  # the causal LM itself, or a merged copy of a LoRA model
     quantized = [name for name, parameter in source.named_parameters() if not parameter.is_floating_point()]
     if quantized:
         raise ValueError(

@@ -107,10 +107,11 @@ class HeadOutputRecording:
     def _before_gate(self, layer: int):
         def hook(module: nn.Module, args: tuple) -> None:
             outputs = self._heads(args[0]).detach()  # [B, T, H, D]
-            self.output_sums[layer] += outputs.float().sum(dim=(0, 1)).to(self.output_sums.device)
-            if self.output_products is not None:
-                flat = outputs.float().flatten(0, 1).flatten(1)  # [B * T, H * D]
-                self.output_products[layer] += (flat.T @ flat).to(self.output_products.device)
+            with torch.autocast(outputs.device.type, enabled=False):  # fp32 sums, also under bf16-mixed
+                self.output_sums[layer] += outputs.float().sum(dim=(0, 1)).to(self.output_sums.device)
+                if self.output_products is not None:
+                    flat = outputs.float().flatten(0, 1).flatten(1)  # [B * T, H * D]
+                    self.output_products[layer] += (flat.T @ flat).to(self.output_products.device)
             if layer == 0:
                 self.positions += outputs.shape[0] * outputs.shape[1]
             if torch.is_grad_enabled():

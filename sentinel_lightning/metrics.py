@@ -20,6 +20,14 @@ from sentinel_lightning.head_outputs import HeadOutputRecording
 IGNORE_INDEX = -100
 
 
+def _all_reduce_sum(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """The sum of ``tensor`` over every process, as the one-element list torchmetrics' ``dist_sync_fn`` returns
+    (it stacks the list and applies the state's ``"sum"`` reduction): one copy of the state, not one per rank."""
+    reduced = tensor.clone()
+    torch.distributed.all_reduce(reduced, group=group)
+    return [reduced]
+
+
 def causal_lm_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token negative log-likelihood and the number of predicted tokens.
 
@@ -158,12 +166,24 @@ class PerHeadMean(Metric):
     def __init__(
         self, num_layers: int, num_heads: int, name: str = "per-head mean", trailing: tuple[int, ...] = (), **kwargs
     ) -> None:
-        super().__init__(**kwargs)
+        # Ranks are summed by one all_reduce, not torchmetrics' all_gather (world-size copies of every state).
+        super().__init__(**{"dist_sync_fn": _all_reduce_sum, **kwargs})
         self.name = name
         shape = (num_layers, num_heads, *trailing)
         self.add_state("total", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("weight", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("skipped", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self._share_default_total()
+
+    def _share_default_total(self) -> None:
+        """torchmetrics keeps a full copy of every state to reset to; zeros need one element, broadcast."""
+        total = self.total
+        self._defaults["total"] = torch.zeros((), dtype=total.dtype, device=total.device).expand(total.shape)
+
+    def _apply(self, fn, *args, **kwargs):
+        this = super()._apply(fn, *args, **kwargs)  # .to() made the broadcast default a full tensor again
+        this._share_default_total()
+        return this
 
     def update(self, total: torch.Tensor, weight: float | torch.Tensor = 1.0) -> None:
         """Adds ``total`` ``[num_layers, num_heads, *trailing]``, the sum over ``weight`` units (steps, tokens...)."""
@@ -189,6 +209,17 @@ class PerHeadMean(Metric):
         if self.weight == 0:
             return torch.full_like(self.total, float("nan")).float()
         return (self.total / self.weight).float()
+
+    def compute_layer(self, layer: int) -> torch.Tensor:
+        """The mean of one layer, ``[num_heads, *trailing]`` (as ``compute()[layer]``), summed over every process
+        without the other layers: a DDP collective that costs one layer's state."""
+        total, weight = self.total[layer].clone(), self.weight.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(weight)
+        if weight == 0:
+            return torch.full_like(total, float("nan")).float()
+        return (total / weight).float()
 
 
 class HeadStatistics(torch.nn.Module):
@@ -252,7 +283,8 @@ class HeadStatistics(torch.nn.Module):
         if self.output_second_moment is None:
             num_layers, num_heads, head_dim = self.output_mean.total.shape
             self.output_second_moment = PerHeadMean(
-                num_layers, num_heads, name="output_second_moment", trailing=(head_dim, num_heads * head_dim)
+                num_layers, num_heads, name="output_second_moment", trailing=(head_dim, num_heads * head_dim),
+                compute_with_cache=False,  # its mean is read once per pruning event: no cached copy
             ).to(self.output_mean.total.device)
 
     def update_entropy(self, recording: EntropyRecording) -> None:
@@ -301,10 +333,14 @@ class HeadStatistics(torch.nn.Module):
             recording.example_importance, recording.examples, recording.compensated_importance
         )
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        """``{key: [L, H]}`` for every key of ``KEYS`` (``output_mean``: ``[L, H, D]``), NaN where nothing was
-        accumulated; a DDP collective."""
-        return {key: getattr(self, key).compute() for key in self.keys}
+    def compute(self, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """``{key: [L, H]}`` for every key of ``keys`` (default: ``self.keys``; ``output_mean``: ``[L, H, D]``),
+        NaN where nothing was accumulated; a DDP collective (every rank asks for the same keys)."""
+        keys = self.keys if keys is None else tuple(keys)
+        unknown = [key for key in keys if key not in self.keys]
+        if unknown:
+            raise ValueError(f"keys={list(keys)} has {unknown}, not among the statistics kept {list(self.keys)}.")
+        return {key: getattr(self, key).compute() for key in keys}
 
     def skipped(self) -> dict[str, int]:
         """``{name: n}`` for every estimator: non-finite updates left out since the last reset, over every process.

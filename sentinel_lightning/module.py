@@ -12,7 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, get_
 from typing_extensions import override
 
 from sentinel_lightning.events import HeadEvent
-from sentinel_lightning.gates import HeadGates, attach_gates, detach_gates, find_gates
+from sentinel_lightning.gates import HeadGates, attach_gates, detach_gates, find_causal_lm, find_gates
+from sentinel_lightning.lora import add_lora
 from sentinel_lightning.metrics import (
     Perplexity,
     causal_lm_inputs,
@@ -48,6 +49,13 @@ class GatedLanguageModel(L.LightningModule):
             ``"before_pruning"``: the model as it was just before the latest pruning event (fine-tuned so far,
             with the heads that event pruned), taken afresh at every pruning event; until the first one the loss
             is the plain causal-LM loss.
+        lora: None (the default: every weight is fine-tuned), or a LoRA configuration: a dict of
+            ``peft.LoraConfig`` arguments (``{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj",
+            "o_proj"]}``; on the command line ``--model.lora '{r: 8, target_modules: [q_proj, v_proj]}'``) or a
+            ``LoraConfig``. The model is wrapped with ``peft.get_peft_model`` (``self.model`` is then a
+            ``PeftModel``): its base weights are frozen and only the adapters and the gates are trained; the gates
+            sit on the output projections as peft wrapped them (``lora.add_lora``), and ``compact`` merges the
+            adapters before it cuts (``lora.merge_adapters``). Needs ``pip install "sentinel-lightning[lora]"``.
 
     Distillation: the teacher is a frozen copy of the model, in eval mode, with no gradients. ``"loaded"`` copies
     it as loaded (taken before the gates are attached, or with them detached). ``"before_pruning"`` copies the
@@ -87,6 +95,7 @@ class GatedLanguageModel(L.LightningModule):
         distillation: float = 0.0,
         distillation_temperature: float = 2.0,
         distillation_teacher: str = "loaded",
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         _check_arguments(
@@ -111,7 +120,9 @@ class GatedLanguageModel(L.LightningModule):
         self.hparams.update(model=model, model_config=model_config if model is None else None)
         # The dense teacher, outside the module tree (no state_dict, no optimizer, no .to()); None without distillation.
         self.__dict__["_teacher"] = self._copy_teacher(built_from_config=from_config)
-        self.gates: HeadGates = attach_gates(self.model)
+        if lora is not None:  # after the teacher's copy, which stays the plain model
+            self.model = add_lora(self.model, lora)
+        self.gates: HeadGates = attach_gates(find_causal_lm(self.model))
         self.gates.values.requires_grad_(learn_gates)
         self.val_perplexity = Perplexity()
 

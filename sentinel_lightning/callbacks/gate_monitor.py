@@ -33,6 +33,8 @@ from sentinel_lightning.events import HeadEvent, HeadEventListener, find_callbac
 from sentinel_lightning.gates import HeadGates, find_gates
 from sentinel_lightning.heatmaps import render_heatmap
 
+DRAWN_METRICS = ("entropy", "grad_norm")  # the head metrics the heatmaps show, the only ones computed
+
 
 class GateMonitor(HeadEventListener):
     """Logs the gates, the head metrics and the pruning and reactivation events.
@@ -154,7 +156,7 @@ class GateMonitor(HeadEventListener):
             return None
         with warnings.catch_warnings():  # before the first update the metrics are NaN, which is fine here
             warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
-            return head_metrics.compute()
+            return head_metrics.compute(DRAWN_METRICS)  # not the [L, H, D, H * D] second moment, nor any other
 
 
 def _title(name: str, gates: HeadGates, step: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -103,12 +104,21 @@ class HeadMetrics(HeadEventListener):
         if self.statistics is not None:
             self.statistics.enable_output_second_moment()
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        """``{key: [L, H]}`` for every ``HeadStatistics.keys`` (``output_mean``: ``[L, H, D]``), NaN where empty.
+    def compute(self, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """``{key: [L, H]}`` for every key of ``keys`` (default: every ``HeadStatistics.keys``; ``output_mean``:
+        ``[L, H, D]``), NaN where empty.
 
-        Reduces across DDP ranks: every rank must call it at the same point.
+        Reduces across DDP ranks: every rank must call it at the same point, with the same keys.
         """
-        return self._set_up_statistics("compute").compute()
+        return self._set_up_statistics("compute").compute(keys)
+
+    def output_second_moment(self, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+        """``{layer: [H, D, H * D]}``: the second moment of the given layers only (on the host), as
+        ``compute()["output_second_moment"][layer]``; a DDP collective (every rank asks for the same layers)."""
+        moment = self._set_up_statistics("output_second_moment").output_second_moment
+        if moment is None:
+            raise RuntimeError("HeadMetrics keeps no output_second_moment: call require_output_second_moment() first.")
+        return {layer: moment.compute_layer(layer).cpu() for layer in layers}
 
     def skipped(self) -> dict[str, int]:
         """``{name: n}`` per estimator: non-finite updates left out of ``compute()``'s means since the last reset,

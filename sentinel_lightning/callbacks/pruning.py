@@ -17,6 +17,7 @@ from sentinel_lightning.checks import nonfinite_parameters
 from sentinel_lightning.events import HeadEvent, find_callback, notify_head_event
 from sentinel_lightning.families import family_of
 from sentinel_lightning.gates import HeadGates, find_causal_lm, find_or_attach_gates
+from sentinel_lightning.metrics import HeadStatistics
 from sentinel_lightning.reconstruction import linear_compensation
 from sentinel_lightning.strategies import (
     Strategy,
@@ -118,8 +119,8 @@ class HeadPruning(L.Callback):
             ``"gradient_layer_norm"`` (that, normalised per layer), ``"attention_sink"`` (the heads of each layer
             that park most attention on the first token), ``"entropy"`` (the seed's rule: highest entropy first,
             worse than random on SmolLM2), ``"lowest_entropy"``, ``"random"`` (seeded, identical on every rank); or
-            a callable mapping the metrics (``HeadStatistics.compute()`` plus ``"active"``, each ``[L, H]``) to a
-            score ``[L, H]`` (highest pruned first).
+            a callable mapping the metrics (``HeadStatistics.compute(HeadStatistics.KEYS)`` plus ``"active"``, each
+            ``[L, H]``; not the second moment) to a score ``[L, H]`` (highest pruned first).
         schedule: Maps a training epoch index (Lightning's ``current_epoch``, from 0) to the fraction of all heads
             pruned after it, non-decreasing, each in [0, 1); or a callable of the epoch index returning the
             fraction, or None for no pruning after that epoch. An empty mapping never prunes. With
@@ -379,7 +380,8 @@ class HeadPruning(L.Callback):
         note = self._check_finite(trainer, pl_module, head_metrics)
         metrics = {"active": gates.active.cpu()}
         if head_metrics is not None:
-            metrics.update({name: value.cpu() for name, value in head_metrics.compute().items()})
+            # The [L, H, D, H * D] second moment is computed below, for the pruned layers only.
+            metrics.update({name: value.cpu() for name, value in head_metrics.compute(HeadStatistics.KEYS).items()})
         heads = select_heads(
             self.score(metrics), gates.active, count, self.scope, self.min_active_heads_per_layer,
             gates.protected(epoch), self.unit, self.group_size,
@@ -392,7 +394,9 @@ class HeadPruning(L.Callback):
             compensation = metrics.get("output_mean") if self.compensate != "none" else None
             self.prune(trainer, gates, heads, metrics.get("grad_norm"), compensation)
             if self.compensate == "linear":
-                self.fit_linear_compensation(gates, metrics, sorted({layer for layer, _ in heads}))
+                layers = sorted({layer for layer, _ in heads})
+                metrics["output_second_moment"] = head_metrics.output_second_moment(layers)
+                self.fit_linear_compensation(gates, metrics, layers)
         self._warn_if_short(moment, target, count, heads)
         if not heads:
             return
@@ -442,9 +446,9 @@ class HeadPruning(L.Callback):
     def fit_linear_compensation(gates: HeadGates, metrics: Mapping[str, torch.Tensor], layers: list[int]) -> None:
         """Makes every pruned head of ``layers`` write its affine prediction from the layer's active heads.
 
-        ``metrics`` holds ``output_mean`` ``[L, H, D]`` and ``output_second_moment`` ``[L, H, D, H * D]`` (as
-        ``HeadMetrics.compute()`` gives them); a layer whose statistics or fit are not finite keeps the mean
-        (warned).
+        ``metrics`` holds ``output_mean`` ``[L, H, D]`` and ``output_second_moment``: ``[L, H, D, H * D]`` (as
+        ``HeadMetrics.compute()`` gives it) or ``{layer: [H, D, H * D]}`` of ``layers``
+        (``HeadMetrics.output_second_moment``); a layer whose statistics or fit are not finite keeps the mean (warned).
         """
         mean, second_moment = metrics["output_mean"], metrics["output_second_moment"]
         values = torch.where(gates.active, gates.values, gates.values_before_pruning).detach().cpu()
