@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 
 
-def merge_groups(active: torch.Tensor, group_size: int, num_merged: int, layer: int = 0) -> list[list[int]]:
-    """The query heads of each merged key/value head of one layer: ``num_merged`` equal groups of its active heads.
+def merge_groups(active: torch.Tensor, group_size: int, num_merged: int) -> list[list[int]]:
+    """The query heads of each merged key/value head of one layer: ``num_merged`` groups of its active heads, equal
+    when their number allows (else sizes differing by one, the larger first: a layout that needs query slots).
 
     The ``num_merged`` original groups with the most active heads (the lower index on ties) each anchor a merged
     group and keep their heads in it; the heads of the other groups fill the anchors' free places, the anchor with
@@ -33,31 +34,29 @@ def merge_groups(active: torch.Tensor, group_size: int, num_merged: int, layer: 
         layer: The layer's index, for the error message.
 
     Returns:
-        ``K'`` lists of query heads (ascending), ordered by their anchor's original group.
+        ``K'`` lists of query heads (ascending), ordered by their anchor's original group; none without active heads.
 
     Raises:
-        ValueError: When the active heads do not split into ``K'`` equal groups, or ``K'`` is out of range.
+        ValueError: When ``K'`` is out of range.
     """
     num_heads = active.numel()
     num_kv_heads = num_heads // group_size
     heads = active.nonzero().flatten().tolist()
     if not 1 <= num_merged <= num_kv_heads:
         raise ValueError(f"num_key_value_heads={num_merged} must lie in [1, {num_kv_heads}] (the model's K).")
-    if not heads or len(heads) % num_merged:
-        raise ValueError(
-            f"Layer {layer} has {len(heads)} active query heads, which do not split into num_key_value_heads="
-            f"{num_merged} equal groups: prune to a multiple of {num_merged} active heads in every layer first "
-            f"(HeadPruning(scope='uniform')), e.g. {len(heads) - len(heads) % num_merged or num_merged}."
-        )
-    size = len(heads) // num_merged
+    if not heads:
+        return []
     members = [[head for head in heads if head // group_size == group] for group in range(num_kv_heads)]
-    anchors = sorted(sorted(range(num_kv_heads), key=lambda group: -len(members[group]))[:num_merged])
-    merged = {anchor: members[anchor][:size] for anchor in anchors}
+    ranked = sorted(range(num_kv_heads), key=lambda group: -len(members[group]))[:num_merged]
+    larger = len(heads) % num_merged  # this many merged groups take one head more
+    size = {anchor: len(heads) // num_merged + (rank < larger) for rank, anchor in enumerate(ranked)}
+    anchors = sorted(ranked)
+    merged = {anchor: members[anchor][: size[anchor]] for anchor in anchors}
     pool = [head for group in range(num_kv_heads) for head in members[group] if head not in merged.get(group, ())]
     for head in pool:
-        anchor = max(anchors, key=lambda group: (size - len(merged[group]), -group))
+        anchor = max(anchors, key=lambda group: (size[group] - len(merged[group]), -group))
         merged[anchor].append(head)
-    return [sorted(merged[anchor]) for anchor in anchors]
+    return [sorted(merged[anchor]) for anchor in anchors if merged[anchor]]
 
 
 def merge_mix(groups: list[list[int]], num_heads: int, group_size: int) -> torch.Tensor:

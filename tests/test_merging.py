@@ -27,7 +27,7 @@ def nine_heads(family="llama", attn_implementation="sdpa"):
 
 def merge(gates, num_merged, group_size=3):
     for layer in range(gates.num_layers):
-        groups = merge_groups(gates.active[layer], group_size, num_merged, layer)
+        groups = merge_groups(gates.active[layer], group_size, num_merged)
         gates.set_key_value_mix(layer, merge_mix(groups, gates.num_heads, group_size), group_size)
 
 
@@ -42,8 +42,8 @@ def test_merge_groups_keep_the_largest_groups_and_fill_them_with_the_rest():
     assert torch.equal(mix[4], torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))  # pruned: reads its own
     order, kv_index, rows = merged_layout(mix, [0, 1, 2, 3, 5, 6, 7, 8])
     assert order == [0, 1, 2, 3, 5, 6, 7, 8] and kv_index == [0, 0, 0, 0, 1, 1, 1, 1] and rows.shape == (2, 3)
-    with pytest.raises(ValueError, match=r"Layer 0 has 9 active query heads.*num_key_value_heads=2 equal groups"):
-        merge_groups(torch.ones(9, dtype=torch.bool), 3, 2)
+    assert merge_groups(torch.ones(9, dtype=torch.bool), 3, 2) == [[0, 1, 2, 6, 7], [3, 4, 5, 8]]  # 5 and 4
+    assert merge_groups(torch.zeros(9, dtype=torch.bool), 3, 2) == []
     with pytest.raises(ValueError, match=r"num_key_value_heads=4 must lie in \[1, 3\]"):
         merge_groups(torch.ones(9, dtype=torch.bool), 3, 4)
 
@@ -58,6 +58,14 @@ def test_an_identity_mix_computes_the_plain_model(tokens):
     assert not gates.merged_layers().any()
     with torch.no_grad():
         assert torch.allclose(gated(tokens).logits, plain(tokens).logits, atol=1e-6)
+
+
+def test_groups_that_cannot_be_equal_run_in_query_slots_and_stay_exact(tokens):
+    gated = nine_heads()
+    merge(attach_gates(gated), 2)  # 9 query heads: merged groups of 5 and 4
+    compacted = compact_exactly(gated, tokens)
+    assert compacted.config.key_value_index == [[0] * 5 + [1] * 4] * 2 and not stock_describes(compacted)
+    assert kv_cache_bytes_per_token(compacted) * 3 == kv_cache_bytes_per_token(gated) * 2
 
 
 @pytest.mark.parametrize("family", MERGING)

@@ -17,10 +17,11 @@ class KeyValueMerging(L.Callback):
 
     The fine-tuning that follows recovers from the merge; ``compaction.compact`` then keeps ``num_key_value_heads``
     key/value heads per layer, so the key/value cache shrinks by ``num_key_value_heads / K`` while the query heads
-    stay. Prune first so that every layer's active heads split into equal groups (``HeadPruning(scope="uniform")``
+    stay. Prune first so that every layer's active heads split into equal groups (``HeadPruning(scope="layer")``
     to a multiple of ``num_key_value_heads`` heads per layer): the layout is then uniform and plain transformers
-    loads the export. Layers with no active head are left as they are. A pruned head of a merged layer cannot be
-    reactivated afterwards (``HeadReactivation`` skips it). Every rank merges alike: the plan depends only on the
+    loads the export; otherwise the groups differ by one head (warned) and the export needs its modeling code.
+    Layers with no active head are left as they are. A pruned head of a merged layer cannot be reactivated
+    afterwards (``HeadReactivation`` skips it). Every rank merges alike: the plan depends only on the
     gates, which ranks share. The merge lives in the gates (``HeadGates.key_value_mix``), so checkpoints carry it
     and a resumed run does not merge again.
 
@@ -72,15 +73,23 @@ class KeyValueMerging(L.Callback):
         if self._gates is None or trainer.current_epoch < self.epoch or bool(self._gates.merged_layers().any()):
             return
         active = self._gates.active.cpu()  # [L, H]
-        merged = 0
+        sizes = {}
         for layer in range(self._gates.num_layers):
-            if not active[layer].any():
-                continue
-            groups = merge_groups(active[layer], self._group_size, self.num_key_value_heads, layer)
-            self._gates.set_key_value_mix(layer, merge_mix(groups, self._gates.num_heads, self._group_size),
-                                          self._group_size)
-            merged += 1
+            groups = merge_groups(active[layer], self._group_size, self.num_key_value_heads)
+            if groups:
+                mix = merge_mix(groups, self._gates.num_heads, self._group_size)
+                self._gates.set_key_value_mix(layer, mix, self._group_size)
+                sizes[layer] = [len(group) for group in groups]
         rank_zero_info(
             f"sentinel-lightning: epoch {trainer.current_epoch}, step {trainer.global_step}: merged the key/value "
-            f"heads of {merged} layer(s) into {self.num_key_value_heads} each"
+            f"heads of {len(sizes)} layer(s) into {self.num_key_value_heads} each"
         )
+        unequal = {layer: counts for layer, counts in sizes.items() if len(set(counts)) > 1}
+        if unequal:
+            rank_zero_warn(
+                f"KeyValueMerging: the active query heads of {len(unequal)} layer(s) do not split into "
+                f"{self.num_key_value_heads} equal groups (query heads per merged key/value head: {unequal}); they "
+                "run in query slots, and the export loads with trust_remote_code=True only. For a uniform layout "
+                f"prune to a multiple of {self.num_key_value_heads} heads in every layer first (HeadPruning(scope="
+                "'layer'))."
+            )
