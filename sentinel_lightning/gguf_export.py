@@ -26,7 +26,8 @@ add; zero query/key/value biases are left out.
 
 Tokenizer: a model that came from a GGUF file (the embedded default) gets every ``tokenizer.*`` key of that file
 (vocabulary, merges, special tokens, chat template) with ``tokenizer_gguf``; a Hugging Face fast byte-level BPE
-tokenizer (GPT-2, Llama 3, SmolLM2 style) is written from its vocabulary and merges with ``tokenizer``; without
+tokenizer is written from its vocabulary, merges, special tokens and chat template with ``tokenizer``, its
+pre-tokenizer named by ``tokenizer_pre`` (read off the tokenizer for GPT-2's own); without
 either (or for a BPE without merges, which llama.cpp cannot load) the file has a vocabulary of ``vocab_size``
 placeholder tokens: llama.cpp then runs token ids, not text.
 
@@ -128,6 +129,7 @@ def write_gguf(
     tokenizer_gguf: str | None = None,
     quantize: str | None = None,
     overwrite: bool = False,
+    tokenizer_pre: str | None = None,
 ) -> dict:
     """Writes ``model`` as one GGUF file at ``path`` that llama.cpp runs (see the module docstring).
 
@@ -140,6 +142,9 @@ def write_gguf(
         quantize: None or ``"f32"`` for float32, else one of ``QUANTIZATIONS`` (llama.cpp's quantizer, which
             needs ``llama-cpp-python``).
         overwrite: Whether to replace an existing ``path``.
+        tokenizer_pre: llama.cpp's name of ``tokenizer``'s pre-tokenizer (``tokenizer.ggml.pre``: ``"llama3"``,
+            ``"qwen2"``, ``"smollm"``, ...); read off the tokenizer when None, which works for GPT-2's
+            (a plain ``ByteLevel`` pre-tokenizer with its regex, ``"gpt-2"``) and is refused for others.
 
     Returns:
         ``{"path", "architecture", "file_type", "file_bytes", "tokenizer", "num_heads", "num_kv_heads",
@@ -160,7 +165,7 @@ def write_gguf(
     try:
         writer = gguf.GGUFWriter(float_path, arch)
         _write_parameters(writer, model, layouts, arch)
-        tokenizer_kind = _write_tokenizer(writer, model, tokenizer, tokenizer_gguf)
+        tokenizer_kind = _write_tokenizer(writer, model, tokenizer, tokenizer_gguf, tokenizer_pre)
         for name, tensor in tensors.items():
             writer.add_tensor(name, tensor)
         writer.write_header_to_file()
@@ -346,7 +351,7 @@ def _write_parameters(writer: gguf.GGUFWriter, model: PreTrainedModel, layouts: 
 
 def _write_tokenizer(
     writer: gguf.GGUFWriter, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
-    tokenizer_gguf: str | None,
+    tokenizer_gguf: str | None, tokenizer_pre: str | None,
 ) -> str:
     """Writes the tokenizer keys; returns where they came from: ``"gguf"``, ``"hf"`` or ``"none"``."""
     if tokenizer_gguf is not None:
@@ -361,6 +366,7 @@ def _write_tokenizer(
     if not merges:
         writer.add_tokenizer_model("none")  # token ids only: llama.cpp needs merges to tokenise byte-level BPE
         return "none"
+    pre = tokenizer_pre or _pre_tokenizer_name(tokenizer)
     vocab_size = model.config.vocab_size
     tokens = [f"[PAD{index}]" for index in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
@@ -371,7 +377,7 @@ def _write_tokenizer(
             types[index] = (gguf.TokenType.NORMAL if token not in added else
                             gguf.TokenType.CONTROL if added[token] else gguf.TokenType.USER_DEFINED)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types([int(token_type) for token_type in types])
     writer.add_token_merges(merges)
@@ -384,6 +390,18 @@ def _write_tokenizer(
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
     return "hf"
+
+
+def _pre_tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
+    """``"gpt-2"`` for GPT-2's pre-tokenizer (``ByteLevel`` with its regex, nothing else); else a ``ValueError``."""
+    described = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    if described.get("type") == "ByteLevel" and described.get("use_regex", True):
+        return "gpt-2"
+    raise ValueError(
+        f"The tokenizer's pre-tokenizer ({json.dumps(described)[:200]}) has no llama.cpp name this export knows: "
+        "pass tokenizer_pre (llama.cpp's tokenizer.ggml.pre, e.g. 'llama3', 'qwen2', 'smollm'), or tokenizer_gguf "
+        "(a GGUF file of the same tokenizer)."
+    )
 
 
 def _bpe_merges(tokenizer: PreTrainedTokenizerBase) -> list[str] | None:

@@ -20,16 +20,27 @@ LAYOUTS = {
 }
 
 
-def pruned_llama(layout: str, compensation: bool = False, family: str = "llama"):
-    """A compacted tiny Llama of 3 layers with the heads of ``LAYOUTS[layout]`` pruned (random compensation:
-    non-zero output biases, an empty layer's included)."""
-    model = tiny_model(family, num_layers=3, num_heads=4, num_kv_heads=2, width=32)
+def pruned_llama(layout: str, compensation: bool = False, family: str = "llama", width: int = 32):
+    """A compacted tiny Llama of 3 layers of 4 heads (head dim ``width / 4``) with the heads of ``LAYOUTS[layout]``
+    pruned (random compensation: non-zero output biases, an empty layer's included)."""
+    model = tiny_model(family, num_layers=3, num_heads=4, num_kv_heads=2, width=width)
     if LAYOUTS[layout] is None:
         return model
     gates = attach_gates(model)
     torch.manual_seed(3)
-    gates.prune(LAYOUTS[layout], compensation=torch.randn(3, 4, 8) if compensation else None)
+    gates.prune(LAYOUTS[layout], compensation=torch.randn(3, 4, width // 4) if compensation else None)
     return compact(model)
+
+
+@torch.no_grad()
+def transformers_greedy(model, prompt: list[int], count: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(count):
+        tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+PROMPT = [72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 10, 5, 200, 17]
 
 
 def test_layouts_follow_the_kept_groups():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_data, tiny_model, tiny_trainer
-from test_gguf_export import LAYOUTS, pruned_llama
+from test_gguf_export import LAYOUTS, PROMPT, pruned_llama, transformers_greedy
 
 from sentinel_lightning import GatedLanguageModel
 from sentinel_lightning.cli import main
@@ -40,17 +40,6 @@ def llama_cpp_greedy(model, prompt: list[int], count: int) -> list[int]:
         if len(generated) == count:
             return generated
     return generated
-
-
-@torch.no_grad()
-def transformers_greedy(model, prompt: list[int], count: int) -> list[int]:
-    tokens = list(prompt)
-    for _ in range(count):
-        tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
-    return tokens[len(prompt):]
-
-
-PROMPT = [72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 10, 5, 200, 17]
 
 
 CASES = [(layout, False) for layout in LAYOUTS] + [(layout, True) for layout in LAYOUTS if layout != "plain"]
@@ -109,7 +98,7 @@ def test_cli_export_writes_a_quantized_gguf_of_a_checkpoint(tmp_path, capsys):
     assert f"written to {tmp_path / 'q8_0' / 'model-Q8_0.gguf'}" in capsys.readouterr().out
     module.eval()
     with torch.no_grad():
-        expected = module(torch.tensor([PROMPT])).logits[0].numpy()
+        expected = module.model(torch.tensor([PROMPT])).logits[0].numpy()
     logits = llama_cpp_logits(str(tmp_path / "f32" / "model-F32.gguf"), PROMPT)
     assert np.abs(logits - expected).max() <= 1e-4
     assert np.isfinite(llama_cpp_logits(str(tmp_path / "q8_0" / "model-Q8_0.gguf"), PROMPT)).all()
