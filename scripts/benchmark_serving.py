@@ -82,7 +82,7 @@ def plain_and_pruned(quick: bool):
             "tiny Llama (2 layers, 6 heads in 3 groups, width 96)"
     else:
         folder = embedded_model_folder()
-        plain = load_causal_lm(torch_dtype=torch.float32).eval()
+        plain = load_causal_lm(dtype=torch.float32).eval()
         tokenizer_gguf = os.path.join(folder, EMBEDDED_GGUF) if folder else None
         name = "SmolLM2-135M-Instruct (embedded default)"
     gated = compact(plain)  # an eval-mode copy
@@ -157,12 +157,18 @@ def measure_llama_cpp(args, plain, pruned, tokenizer_gguf: str | None, folder: s
 # vLLM
 
 
-def measure_vllm(args, plain, pruned, folder: str) -> dict:
-    from sentinel_lightning.saving import save_pruned
-
+def vllm_runner():
+    """``scripts/vllm_runner.py`` as a module (it runs vLLM in its own environment)."""
     spec = importlib.util.spec_from_file_location("vllm_runner", RUNNER)
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
+    return runner
+
+
+def measure_vllm(args, plain, pruned, folder: str) -> dict:
+    from sentinel_lightning.saving import save_pruned
+
+    runner = vllm_runner()
     folders = {"plain": os.path.join(folder, "plain"), "pruned": os.path.join(folder, "pruned")}
     plain.save_pretrained(folders["plain"])
     save_pruned(pruned, folders["pruned"])

