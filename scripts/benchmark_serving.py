@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode_tokens", type=int, default=32)
     parser.add_argument("--quantizations", nargs="+", default=["f32", "q8_0", "q4_1"])
     parser.add_argument("--skip_vllm", action="store_true", help="measure llama.cpp only")
+    parser.add_argument("--vllm_rounds", type=int, default=2, help="vLLM rounds (each starts vLLM twice)")
     parser.add_argument("--vllm_kv_cache_mib", type=int, default=256)
     parser.add_argument("--vllm_max_model_len", type=int, default=4096)
     parser.add_argument("--vllm_requests", type=int, default=8)
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="pruning_results")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.contexts, args.decode_tokens = 2, [16, 64], 8
+        args.rounds, args.vllm_rounds, args.contexts, args.decode_tokens = 2, 1, [16, 64], 8
         args.quantizations = ["f32", "q8_0"]
         args.vllm_kv_cache_mib, args.vllm_max_model_len = 1, 128
         args.vllm_requests, args.vllm_prompt_tokens, args.vllm_new_tokens = 4, 48, 8
@@ -78,8 +79,8 @@ def plain_and_pruned(quick: bool):
     from sentinel_lightning.tiny import tiny_model
 
     if quick:
-        plain, tokenizer_gguf, name = tiny_model("llama", num_layers=2, num_heads=6, num_kv_heads=3, width=96), None, \
-            "tiny Llama (2 layers, 6 heads in 3 groups, width 96)"
+        plain, tokenizer_gguf, name = tiny_model("llama", num_layers=2, num_heads=6, num_kv_heads=3, width=192), None, \
+            "tiny Llama (2 layers, 6 heads of 32 in 3 groups)"
     else:
         folder = embedded_model_folder()
         plain = load_causal_lm(dtype=torch.float32).eval()
@@ -178,7 +179,7 @@ def measure_vllm(args, plain, pruned, folder: str) -> dict:
     request = {"prompts": prompts, "max_tokens": args.vllm_new_tokens, "ignore_eos": True, "repeats": 2,
                "max_model_len": args.vllm_max_model_len, "kv_cache_memory_bytes": args.vllm_kv_cache_mib * 2**20}
     results: dict[str, list[dict]] = {"plain": [], "pruned": []}
-    for round_index in range(args.rounds):
+    for round_index in range(args.vllm_rounds):
         for name in (("plain", "pruned") if round_index % 2 == 0 else ("pruned", "plain")):
             os.environ["OMP_NUM_THREADS"] = str(args.threads)
             result = runner.run_in_vllm({**request, "model": folders[name]})
@@ -227,8 +228,8 @@ def markdown(report: dict) -> str:
                   f"{args['vllm_kv_cache_mib']} MiB; concurrency as vLLM reports it for requests of "
                   f"{args['vllm_max_model_len']:,} tokens; throughput: {args['vllm_requests']} requests of "
                   f"{args['vllm_prompt_tokens']:,} prompt tokens and {args['vllm_new_tokens']} new tokens in one "
-                  "batch, generated tokens/s over the whole batch (prefill included); bound = ratio of cache bytes "
-                  "per token.", "",
+                  "batch, generated tokens/s over the whole batch (prefill included), median over "
+                  f"{args['vllm_rounds']} interleaved round(s); bound = ratio of cache bytes per token.", "",
                   "| model | cache tokens | max concurrency | throughput tokens/s |", "|---|---:|---:|---:|"]
         for name in ("plain", "pruned"):
             lines.append(f"| {name} | {vllm[name]['kv_cache_tokens']:,} | {vllm[name]['max_concurrency']:.2f}x | "
