@@ -152,7 +152,7 @@ def test_the_pruned_embedded_model_runs_in_llama_cpp(tmp_path):
         reference = pruned(torch.tensor([sequence])).logits[0, len(prompt) - 1:-1].numpy()  # [16, V]
     logits = llama_cpp_logits(f32["path"], sequence)[len(prompt) - 1:-1]
     noise = float(np.abs(logits - reference).max())
-    assert noise <= 0.05
+    assert noise <= 0.01 * np.abs(reference).max()  # float32 with another summation order
     top_two = np.sort(reference, axis=-1)[:, -2:]
     clear = top_two[:, 1] - top_two[:, 0] > 2 * noise
     assert clear.sum() >= 8 and (logits.argmax(-1) == reference.argmax(-1))[clear].all()
