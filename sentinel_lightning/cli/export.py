@@ -65,7 +65,9 @@ def check_not_model_folder(output_dir: str, model: str | None, ckpt_path: str) -
         )
 
 
-def export_checkpoint(ckpt_path: str, output_dir: str, overwrite: bool = False) -> dict[str, Any]:
+def export_checkpoint(
+    ckpt_path: str, output_dir: str, overwrite: bool = False, format: str = "safetensors", quantize: str | None = None
+) -> dict[str, Any]:
     """Turns a fine-tune-with-pruning checkpoint into a compact model folder that loads and serves on its own.
 
     The ``GatedLanguageModel`` of the checkpoint is rebuilt, its pruned heads are removed and its gates folded
@@ -81,6 +83,11 @@ def export_checkpoint(ckpt_path: str, output_dir: str, overwrite: bool = False) 
             already holds files, unless ``overwrite``.
         overwrite: Whether to replace the model in a non-empty ``output_dir`` (``--overwrite true``): the model and
             tokenizer files of an earlier save are removed, other files kept (see ``save_pruned``).
+        format: ``"safetensors"`` (a model folder, ``save_pruned``) or ``"gguf"``: one file for llama.cpp,
+            ``output_dir/model-<TYPE>.gguf`` (``gguf_export.write_gguf``; the Llama family), with the tokenizer of
+            the GGUF file the model came from, else the model's Hugging Face tokenizer.
+        quantize: With ``format="gguf"``: ``f32`` (the default) or a llama.cpp type (``q8_0``, ``q4_0``,
+            ``q4_1``, ``q4_k_m``, ... see ``gguf_export.QUANTIZATIONS``), written by llama.cpp's quantizer.
 
     Returns:
         ``{"output_dir", "tokenizer_saved", "heads_before", "heads_after", "parameters_before",
@@ -88,10 +95,17 @@ def export_checkpoint(ckpt_path: str, output_dir: str, overwrite: bool = False) 
         "kv_cache_bytes_per_token_after", "loads_without_remote_code", "decode_bound_4096"}``: head and weight
         counts, the bytes of the weights (gates excluded, tied weights once) and the bytes one token adds to the
         key/value cache, before and after compaction; whether the folder's config describes every layer to the
-        stock classes; the bytes-per-decoded-token ratio, before over after, at 4,096 tokens of context.
+        stock classes; the bytes-per-decoded-token ratio, before over after, at 4,096 tokens of context; with
+        ``format="gguf"`` also ``"gguf"``, what ``write_gguf`` returns (its ``path`` the file written).
     """
+    from sentinel_lightning.gguf_export import check_quantize
     from sentinel_lightning.pretrained import load_tokenizer
 
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format={format!r} is not an export format; choose one of {', '.join(EXPORT_FORMATS)}.")
+    if quantize is not None and format != "gguf":
+        raise ValueError(f"quantize={quantize!r} applies to --format gguf only (format={format!r}).")
+    check_quantize(quantize)
     check_output_directory(output_dir, overwrite, option="--overwrite true")  # before the checkpoint is loaded
     module = load_checkpoint(ckpt_path)
     hparams = module.hparams
@@ -103,7 +117,11 @@ def export_checkpoint(ckpt_path: str, output_dir: str, overwrite: bool = False) 
         except Exception as error:  # the model folder may have no tokenizer; the weights are what matters
             Console().print(f"export: no tokenizer saved ({error})", highlight=False, soft_wrap=True)
     compacted = compact(module)
-    save_pruned(compacted, output_dir, tokenizer, overwrite=overwrite)
+    written = None
+    if format == "gguf":
+        written = _write_gguf(compacted, output_dir, tokenizer, hparams, quantize, overwrite)
+    else:
+        save_pruned(compacted, output_dir, tokenizer, overwrite=overwrite)
     summary = {
         "output_dir": output_dir,
         "tokenizer_saved": tokenizer is not None,
@@ -119,8 +137,30 @@ def export_checkpoint(ckpt_path: str, output_dir: str, overwrite: bool = False) 
         f"decode_bound_{BOUND_CONTEXT}": bytes_per_decoded_token(module.model, BOUND_CONTEXT)
         / bytes_per_decoded_token(compacted, BOUND_CONTEXT),
     }
+    if written is not None:
+        summary["gguf"] = written
+        summary["output_dir"] = written["path"]
     Console().print(_summary_line(summary), highlight=False, soft_wrap=True)
     return summary
+
+
+EXPORT_FORMATS = ("safetensors", "gguf")
+
+
+def _write_gguf(compacted, output_dir: str, tokenizer, hparams, quantize: str | None, overwrite: bool) -> dict:
+    """Writes ``output_dir/model-<TYPE>.gguf``, the tokenizer taken from the GGUF file the model came from when it
+    came from one (the embedded default), else from ``tokenizer``."""
+    from sentinel_lightning.gguf_export import write_gguf
+    from sentinel_lightning.pretrained import resolve
+
+    tokenizer_gguf = None
+    if hparams.get("model") is not None or hparams.get("model_config") is None:  # not a model built from a config
+        source, gguf_file = resolve(hparams.get("model"), hparams.get("gguf_file"))
+        if gguf_file is not None and os.path.isfile(os.path.join(source, gguf_file)):
+            tokenizer_gguf = os.path.join(source, gguf_file)
+    path = os.path.join(output_dir, f"model-{(quantize or 'f32').upper()}.gguf")
+    return write_gguf(compacted, path, tokenizer=tokenizer, tokenizer_gguf=tokenizer_gguf, quantize=quantize,
+                      overwrite=overwrite)
 
 
 def _summary_line(summary: dict[str, Any]) -> str:
@@ -130,8 +170,9 @@ def _summary_line(summary: dict[str, Any]) -> str:
         f"{summary['parameters_before']:,} -> {summary['parameters_after']:,}; weights {summary['bytes_before']:,} -> "
         f"{summary['bytes_after']:,} bytes; key/value cache {summary['kv_cache_bytes_per_token_before']:,} -> "
         f"{summary['kv_cache_bytes_per_token_after']:,} bytes per token; "
-        + ("loads in plain transformers" if summary["loads_without_remote_code"] else
-           "loads with trust_remote_code=True only (layers of different shapes)")
+        + ("a llama.cpp GGUF file" if "gguf" in summary else "loads in plain transformers"
+           if summary["loads_without_remote_code"] else "loads with trust_remote_code=True only (layers of "
+           "different shapes)")
         + f"; decoding after {BOUND_CONTEXT:,} tokens at most {summary[f'decode_bound_{BOUND_CONTEXT}']:.3f}x as "
         f"fast by the bytes it reads; written to {summary['output_dir']}"
     )
