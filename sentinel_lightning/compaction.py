@@ -46,7 +46,7 @@ from sentinel_lightning.gates import HeadGates, detach_gates, find_causal_lm, fi
 from sentinel_lightning.lora import merge_adapters
 from sentinel_lightning.merging import merged_layout, reads_own_groups
 from sentinel_lightning.pretrained import forget_quantization
-from sentinel_lightning.pruned_modeling import equal_groups, key_value_indices, resize_attention
+from sentinel_lightning.pruned_modeling import ORIGINAL_HEADS, equal_groups, key_value_indices, resize_attention
 
 # ----------------------------------------------------------------------------------------------------------------
 # Counting
@@ -274,8 +274,10 @@ def _record(
     if num_heads == 0:
         return
     missing = object()
-    names = ("num_attention_heads", "num_key_value_heads", "head_dim")
+    names = ("num_attention_heads", "num_key_value_heads", "head_dim", ORIGINAL_HEADS)
     before = {name: getattr(config, name, missing) for name in names}
+    if before[ORIGINAL_HEADS] is missing:  # what kept_heads index, once the counts no longer say it
+        setattr(config, ORIGINAL_HEADS, [config.num_attention_heads, family.num_key_value_heads(config)])
     config.num_attention_heads, config.num_key_value_heads, config.head_dim = num_heads, num_kv_heads, head_dim
     try:
         config.validate()

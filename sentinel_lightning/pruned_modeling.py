@@ -208,7 +208,8 @@ def resize_attention(
 
 # The model_type of a folder that only its own modeling code builds: its family's, prefixed (see saving).
 MODEL_TYPE_PREFIX = "sentinel_"
-
+# Set by compaction when it rewrites the head counts to a uniform shape: ``[H, K]`` of the model kept_heads index.
+ORIGINAL_HEADS = "original_head_counts"
 
 
 def key_value_indices(config: PretrainedConfig) -> list[list[int]] | None:
@@ -289,7 +290,11 @@ def check_kept_heads(config, where: str = "config") -> None:
     grouped = family.grouped_query if family is not None else hasattr(config, "num_key_value_heads")
     num_heads = config.num_attention_heads
     num_kv_heads = (getattr(config, "num_key_value_heads", None) or num_heads) if grouped else num_heads
-    bounds = (num_heads, num_kv_heads) if _records_original_heads(config, family) else (None, None)
+    original = getattr(config, ORIGINAL_HEADS, None)  # [H, K] before a rewrite to the uniform shape
+    if original is not None:
+        bounds = tuple(original)
+    else:
+        bounds = (num_heads, num_kv_heads) if _records_original_heads(config, family) else (None, None)
     # Distinct, in the order the weights hold them: merged key/value heads group their readers (``merging``).
     _check_layers(where, "kept_heads", kept_heads, num_layers, bounds[0], order="distinct")
     kv_heads = getattr(config, "kept_key_value_heads", None)
@@ -313,7 +318,7 @@ def check_kept_heads(config, where: str = "config") -> None:
 
 
 def _records_original_heads(config, family) -> bool:
-    """Whether ``config``'s head counts are the original model's (never rewritten to a uniform shape).
+    """Whether ``config``'s head counts are the original model's, for a config saved before ``ORIGINAL_HEADS``.
 
     Only families whose config states ``head_dim`` are rewritten, and a rewritten config has fewer heads than its
     width holds (``num_attention_heads * head_dim < hidden_size``). A model that was like that from the start (an

@@ -129,7 +129,9 @@ def test_detach_removes_exactly_the_hooks_attach_registered(tokens):
     projection.register_forward_pre_hook(_Recorder("before", calls))
     gates = attach_gates(model)
     projection.register_forward_pre_hook(_Recorder("after", calls))
-    assert len(gates._hook_handles) == 2  # one per layer, kept by attach_gates
+    # One per layer on the output projection, and for families that merge key/value heads the key, value and
+    # attention hooks of ``HeadGates.key_value_mix`` (idle until a merge): all kept by attach_gates.
+    assert len(gates._hook_handles) == 2 * (1 + 3 * family_of(model).merges_key_values)
     gates.prune([(1, 0), (1, 1), (1, 2), (1, 3)])
     gated = model(tokens).logits
     clone, restored = copy.deepcopy(model), pickle.loads(pickle.dumps(model))
