@@ -6,8 +6,6 @@ and head ``h`` of layer ``l`` is multiplied by ``values[l, h] * active[l, h]``. 
 computes exactly what the plain model computes, whatever attention implementation (eager, SDPA, flash) it runs.
 
 ``families.py`` is the only place that knows model families; everything else speaks ``[num_layers, num_heads]``.
-``head_shape``, ``decoder_layers``, ``attention_modules`` and ``output_projections`` are importable from here too
-while callers move to ``sentinel_lightning.families``.
 """
 
 from __future__ import annotations
@@ -18,13 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from sentinel_lightning.families import (  # noqa: F401 (re-exported while callers move to families)
-    attention_modules,
-    decoder_layers,
-    family_of,
-    head_shape,
-    output_projections,
-)
+from sentinel_lightning.families import attention_modules, family_of, head_shape, output_projections
 from sentinel_lightning.pruned_modeling import uniform_layers
 
 GATES_ATTRIBUTE = "head_gates"
@@ -228,7 +220,7 @@ class _GateHook:
 
     Head ``h``'s slice ``x[..., h, :]`` of the input ``[batch, seq, num_heads, head_dim]`` becomes
     ``o[..., h, :] * values[l, h]`` while the head is active and ``compensation[l, h]`` while it is pruned
-    (computed as ``o * (values * active) + compensation * ~active``: with zero compensation, today's exact zero),
+    (computed as ``o * (values * active) + compensation * ~active``: with zero compensation, exactly zero),
     plus, with linear compensation, ``reconstruction[l] @ x`` (``x`` the gated outputs; nonzero at pruned heads).
 
     A callable object rather than a closure so that ``copy.deepcopy`` and pickling keep it pointing at the
