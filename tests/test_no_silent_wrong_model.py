@@ -31,7 +31,8 @@ def write_job(tmp_path, model_dir, max_epochs=1, **pruning):
         },
         "model": {"model": str(model_dir), "learning_rate": 1e-3},
         "data": {"block_size": 32, "batch_size": 2, "cache": False},
-        "pruning": {"strategy": "random", "compensate": False, "schedule": {0: 0.75}, **pruning},
+        "pruning": {"strategy": "random", "compensate": False, "unit": "head", "scope": "global",
+                    "schedule": {0: 0.75}, **pruning},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
