@@ -565,8 +565,11 @@ def markdown(results: dict) -> str:
         f"Prefill {settings_['prefill_batch']} x {settings_['prefill_length']} tokens; decode "
         f"{settings_['decode_tokens']} new tokens (batch 1, greedy, key/value cache) after prompts of "
         f"{', '.join(map(str, contexts))} tokens; perplexity on {settings_['perplexity_blocks']} validation blocks "
-        f"of {settings_['prefill_length']} tokens, no fine-tuning; heads scored by {settings_['strategy']} on "
-        f"{settings_['calibration_blocks']} calibration blocks; {settings_['attn_implementation']} attention, "
+        f"of {settings_['prefill_length']} tokens, "
+        + (f"the saved folder {settings_['model_dir']} as it is; " if settings_.get("model_dir") else
+           f"no fine-tuning; heads scored by {settings_['strategy']} on {settings_['calibration_blocks']} calibration "
+           "blocks; ")
+        + f"{settings_['attn_implementation']} attention, "
         f"{settings_['dtype']}; speed-ups are medians over {settings_['rounds']} interleaved rounds (after "
         f"{settings_['warmup']} warm-up) of the compacted/plain ratio within each round; bounds in parentheses.",
         "",
