@@ -10,7 +10,7 @@ import yaml
 from conftest import VOCAB, tiny_data, tiny_model, tiny_trainer
 from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from test_user_module import tuple_loader
+from test_user_module import TupleBatchModule, tuple_loader
 from transformers import AutoModelForCausalLM
 
 from sentinel_lightning import GatedLanguageModel, HeadMetrics, HeadPruning, compact, find_gates
@@ -102,20 +102,12 @@ def test_a_lora_fit_trains_adapters_and_gates_only_and_the_callbacks_work(tokens
     assert max_difference(compact(module), module.model, tokens) <= 1e-5
 
 
-class PeftTupleModule(L.LightningModule):
-    """A user's own module holding a peft LoRA model, fed ``(input_ids,)`` tuples."""
+class PeftTupleModule(TupleBatchModule):
+    """A user's own module holding a peft LoRA model, fed ``(input_ids,)`` tuples (the steps of TupleBatchModule)."""
 
     def __init__(self):
-        super().__init__()
+        super().__init__(family="llama")
         self.lm = get_peft_model(tiny_model("llama").train(), LoraConfig(r=4, target_modules=TARGETS))
-
-    def training_step(self, batch, batch_idx):
-        (input_ids,) = batch
-        return self.lm(input_ids=input_ids, labels=input_ids).loss
-
-    def validation_step(self, batch, batch_idx):
-        (input_ids,) = batch
-        self.log("val_loss", self.lm(input_ids=input_ids, labels=input_ids).loss)
 
     def configure_optimizers(self):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
