@@ -23,12 +23,38 @@ Notation: B batch, T positions, L layers, H query heads, D head dim.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from sentinel_lightning.families import output_projections
 from sentinel_lightning.gates import HeadGates, find_gates
+
+
+@dataclass(frozen=True)
+class ExampleImportance:
+    """Per-example importances summed over examples, and how many examples they sum.
+
+    Attributes:
+        plain: ``[L, H]``: ``|dL/dg|`` of each example, summed (``example_importance``).
+        compensated: ``[L, H]``: ``|sum_t <dL/dx, x - m>|`` of each example, summed (``compensated_importance``).
+        examples: Number of examples summed.
+    """
+
+    plain: torch.Tensor
+    compensated: torch.Tensor
+    examples: int
+
+    def __add__(self, other: ExampleImportance) -> ExampleImportance:
+        return ExampleImportance(
+            self.plain + other.plain, self.compensated + other.compensated, self.examples + other.examples
+        )
+
+    def divided(self, scale: float | torch.Tensor) -> ExampleImportance:
+        """The importances divided by ``scale`` (a loss scale the backward ran under), the same examples."""
+        return ExampleImportance(self.plain / scale, self.compensated / scale, self.examples)
 
 
 class HeadOutputRecording:
@@ -80,6 +106,15 @@ class HeadOutputRecording:
         self.output_products = torch.zeros(num_layers, size, size, device=device) if products else None
         self._outputs: dict[int, torch.Tensor] = {}  # layer -> o [B, T, H, D] of the latest forward
         self._handles: list[RemovableHandle] = []
+
+    def take_example_importance(self) -> ExampleImportance:
+        """The per-example importances recorded so far, which the recording then starts afresh (zeros, no examples;
+        ``example_gradient`` and the output sums go on): one optimizer step takes the backward passes before it."""
+        taken = ExampleImportance(self.example_importance, self.compensated_importance, self.examples)
+        self.example_importance = torch.zeros_like(taken.plain)
+        self.compensated_importance = torch.zeros_like(taken.compensated)
+        self.examples = 0
+        return taken
 
     def start(self) -> HeadOutputRecording:
         """Registers the hooks; returns ``self``."""

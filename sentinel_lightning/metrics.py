@@ -15,7 +15,7 @@ from torchmetrics import Metric
 
 from sentinel_lightning.attention_entropy import ATTENTION_STATISTICS, EntropyRecording
 from sentinel_lightning.gates import find_causal_lm, find_gates
-from sentinel_lightning.head_outputs import HeadOutputRecording
+from sentinel_lightning.head_outputs import ExampleImportance, HeadOutputRecording
 
 IGNORE_INDEX = -100
 
@@ -169,21 +169,17 @@ class PerHeadMean(Metric):
         # Ranks are summed by one all_reduce, not torchmetrics' all_gather (world-size copies of every state).
         super().__init__(**{"dist_sync_fn": _all_reduce_sum, **kwargs})
         self.name = name
-        shape = (num_layers, num_heads, *trailing)
-        self.add_state("total", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        self.state_shape = (num_layers, num_heads, *trailing)
+        # The default to reset to is one zero, not a full copy of the state (``reset`` makes it full again).
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("weight", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("skipped", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self._share_default_total()
+        self.total = torch.zeros(self.state_shape, dtype=torch.float64)
 
-    def _share_default_total(self) -> None:
-        """torchmetrics keeps a full copy of every state to reset to; zeros need one element, broadcast."""
-        total = self.total
-        self._defaults["total"] = torch.zeros((), dtype=total.dtype, device=total.device).expand(total.shape)
-
-    def _apply(self, fn, *args, **kwargs):
-        this = super()._apply(fn, *args, **kwargs)  # .to() made the broadcast default a full tensor again
-        this._share_default_total()
-        return this
+    def reset(self) -> None:
+        """Every state back to zero, ``total`` at its full shape ``[num_layers, num_heads, *trailing]``."""
+        super().reset()
+        self.total = self.total.new_zeros(self.state_shape)
 
     def update(self, total: torch.Tensor, weight: float | torch.Tensor = 1.0) -> None:
         """Adds ``total`` ``[num_layers, num_heads, *trailing]``, the sum over ``weight`` units (steps, tokens...)."""
@@ -297,41 +293,35 @@ class HeadStatistics(torch.nn.Module):
         """Adds one step's gate gradient ``[L, H]`` (its absolute value)."""
         self.grad_norm.update(gradient.abs())
 
-    def update_outputs(
-        self, output_sums: torch.Tensor, positions: int, output_products: torch.Tensor | None = None
-    ) -> None:
-        """Adds heads' outputs ``[L, H, D]`` summed over ``positions`` (``HeadOutputRecording.output_sums``), and
-        their products ``[L, H * D, H * D]`` when given and the second moment is kept."""
-        if positions:
-            self.output_mean.update(output_sums, positions)
-            if output_products is not None and self.output_second_moment is not None:
+    def update_outputs(self, recording: HeadOutputRecording) -> None:
+        """Adds a stopped recording's head outputs ``[L, H, D]`` summed over its positions, and their products
+        ``[L, H * D, H * D]`` when it recorded them and the second moment is kept."""
+        if recording.positions:
+            self.output_mean.update(recording.output_sums, recording.positions)
+            if recording.output_products is not None and self.output_second_moment is not None:
                 shape = self.output_second_moment.total.shape
-                self.output_second_moment.update(output_products.reshape(shape), positions)
+                self.output_second_moment.update(recording.output_products.reshape(shape), recording.positions)
 
-    def update_example_importance(
-        self, importance: torch.Tensor, examples: int, compensated: torch.Tensor | None = None
-    ) -> None:
-        """Adds one optimizer step's ``sum_b |dL/dg[b]|`` ``[L, H]`` over its ``examples`` examples.
+    def update_example_importance(self, importance: ExampleImportance) -> None:
+        """Adds one optimizer step's per-example importances (``HeadOutputRecording.take_example_importance``,
+        summed over the step's micro-batches, in the units of the step's unscaled loss).
 
-        ``importance`` is ``HeadOutputRecording.example_importance`` (summed over the step's micro-batches, in the
-        units of the step's unscaled loss), i.e. the step's mean of ``|dL_b/dg|``; it is weighted by ``examples``.
-        ``compensated`` is the step's ``HeadOutputRecording.compensated_importance`` likewise, when recorded.
+        Each sum over the step's examples of ``|dL/dg[b]|`` ``[L, H]`` is the step's mean of ``|dL_b/dg|`` (the
+        loss is a mean over the examples); it is weighted by the step's examples.
         """
-        if examples:
-            self.example_importance.update(importance * examples, examples)
-            if compensated is not None:
-                self.compensated_importance.update(compensated * examples, examples)
+        if importance.examples:
+            examples = importance.examples
+            self.example_importance.update(importance.plain * examples, examples)
+            self.compensated_importance.update(importance.compensated * examples, examples)
 
     def prior_outputs(self) -> tuple[torch.Tensor, float]:
         """This process's output sums ``[L, H, D]`` and positions so far: the prior of the next recording's mean."""
         return self.output_mean.total, float(self.output_mean.weight)
 
     def update_recording(self, recording: HeadOutputRecording) -> None:
-        """Adds a closed ``HeadOutputRecording`` of one whole step (its outputs and per-example gradients)."""
-        self.update_outputs(recording.output_sums, recording.positions, recording.output_products)
-        self.update_example_importance(
-            recording.example_importance, recording.examples, recording.compensated_importance
-        )
+        """Adds a stopped ``HeadOutputRecording`` of one whole optimizer step (outputs and per-example gradients)."""
+        self.update_outputs(recording)
+        self.update_example_importance(recording.take_example_importance())
 
     def compute(self, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """``{key: [L, H]}`` for every key of ``keys`` (default: ``self.keys``; ``output_mean``: ``[L, H, D]``),

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from sentinel_lightning import HeadMetrics
 from sentinel_lightning.families import output_projections
 from sentinel_lightning.gates import attach_gates, find_gates
-from sentinel_lightning.head_outputs import HeadOutputRecording
+from sentinel_lightning.head_outputs import ExampleImportance, HeadOutputRecording
 from sentinel_lightning.metrics import HeadStatistics, causal_lm_nll, measure_head_metrics
 
 
@@ -189,9 +189,9 @@ def test_head_metrics_record_what_measure_head_metrics_measures(accumulate):
 def test_the_amp_loss_scale_is_divided_out_of_the_step():
     metrics = HeadMetrics()
     metrics.statistics = HeadStatistics(1, 2)
-    metrics._step_importance, metrics._step_examples = torch.tensor([[[4.0, 8.0]], [[12.0, 0.0]]]), 2
+    metrics._step_importance = ExampleImportance(torch.tensor([[4.0, 8.0]]), torch.tensor([[12.0, 0.0]]), examples=2)
     trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=SimpleNamespace(get_scale=lambda: 4.0)))
     metrics._take_step_importance(trainer)
     assert torch.equal(metrics.statistics.example_importance.compute(), torch.tensor([[1.0, 2.0]]))
     assert torch.equal(metrics.statistics.compensated_importance.compute(), torch.tensor([[3.0, 0.0]]))
-    assert metrics._step_importance is None and metrics._step_examples == 0
+    assert metrics._step_importance is None  # taken by the step, examples and all

@@ -13,7 +13,7 @@ from typing_extensions import override
 from sentinel_lightning.attention_entropy import EntropyRecording
 from sentinel_lightning.events import HeadEvent, HeadEventListener
 from sentinel_lightning.gates import HeadGates, find_causal_lm, find_or_attach_gates
-from sentinel_lightning.head_outputs import HeadOutputRecording
+from sentinel_lightning.head_outputs import ExampleImportance, HeadOutputRecording
 from sentinel_lightning.metrics import HeadStatistics
 
 
@@ -63,10 +63,8 @@ class HeadMetrics(HeadEventListener):
         self._gates: HeadGates | None = None
         self._recording: EntropyRecording | None = None
         self._outputs: HeadOutputRecording | None = None
-        # Per-example importances of the micro-batches since the last optimizer step: [2, L, H] sums (plain and
-        # compensated, ``_per_example``) and their examples.
-        self._step_importance: torch.Tensor | None = None
-        self._step_examples = 0
+        # Per-example importances of the micro-batches since the last optimizer step (gradient accumulation).
+        self._step_importance: ExampleImportance | None = None
         self._pending_state: dict[str, Any] | None = None
         self._second_moment = False
         self._batch_open = False  # between on_train_batch_start and finish_batch
@@ -200,30 +198,27 @@ class HeadMetrics(HeadEventListener):
         if outputs is None:
             return
         outputs.stop()
-        self.statistics.update_outputs(outputs.output_sums, outputs.positions, outputs.output_products)
+        self.statistics.update_outputs(outputs)
         if outputs.examples:
-            pending, importance = self._step_importance, _per_example(outputs)
-            self._step_importance = importance if pending is None else pending + importance
-            self._step_examples += outputs.examples
+            self._add_step_importance(outputs.take_example_importance())
+
+    def _add_step_importance(self, importance: ExampleImportance) -> None:
+        pending = self._step_importance
+        self._step_importance = importance if pending is None else pending + importance
 
     def _take_step_importance(self, trainer: L.Trainer) -> None:
         """Adds the per-example importance of the optimizer step about to be taken (every micro-batch since the
         last one, the open recording's backward included), the AMP loss scale divided out."""
-        importance, examples = self._step_importance, self._step_examples
         outputs = self._outputs
         if outputs is not None and outputs.examples:
-            importance = _per_example(outputs) if importance is None else importance + _per_example(outputs)
-            examples += outputs.examples
-            outputs.example_importance = torch.zeros_like(outputs.example_importance)  # taken by this step
-            outputs.compensated_importance = torch.zeros_like(outputs.compensated_importance)
-            outputs.examples = 0
-        self._step_importance, self._step_examples = None, 0
+            self._add_step_importance(outputs.take_example_importance())
+        importance, self._step_importance = self._step_importance, None
         if importance is None:
             return
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # the backward ran on the scaled loss
         if scaler is not None and hasattr(scaler, "get_scale"):
-            importance = importance / scaler.get_scale()
-        self.statistics.update_example_importance(importance[0], examples, importance[1])
+            importance = importance.divided(scaler.get_scale())
+        self.statistics.update_example_importance(importance)
 
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
@@ -250,8 +245,9 @@ class HeadMetrics(HeadEventListener):
             "batches_seen": self.batches_seen,
             **{key: _states(getattr(self.statistics, key)) for key in self.statistics.keys},
             # A checkpoint taken inside an accumulation window keeps the micro-batches already recorded.
-            "step_importance": None if pending is None else pending.clone(),
-            "step_examples": self._step_examples,
+            "step_importance": None if pending is None else {
+                "plain": pending.plain.clone(), "compensated": pending.compensated.clone(), "examples": pending.examples
+            },
         }
 
     @override
@@ -266,21 +262,17 @@ class HeadMetrics(HeadEventListener):
             self.require_output_second_moment()
         for key in self.statistics.keys:
             metric = getattr(self.statistics, key)
-            for name, value in state_dict.get(key, {}).items():  # checkpoints of older versions lack some
+            # A statistic kept only from this run on (compensate="linear" added on resume) starts empty.
+            for name, value in state_dict.get(key, {}).items():
                 setattr(metric, name, value.to(metric.total.device))
-        pending = state_dict.get("step_importance")
-        if pending is not None and pending.dim() == 2:  # older checkpoints: the plain importance only
-            pending = torch.stack([pending, torch.full_like(pending, float("nan"))])
-        self._step_importance = None if pending is None else pending.to(self.statistics.grad_norm.total.device)
-        self._step_examples = state_dict.get("step_examples", 0)
+        pending = state_dict["step_importance"]
+        device = self.statistics.grad_norm.total.device
+        self._step_importance = None if pending is None else ExampleImportance(
+            pending["plain"].to(device), pending["compensated"].to(device), pending["examples"]
+        )
         self._pending_state = None
-
-
-def _per_example(outputs: HeadOutputRecording) -> torch.Tensor:
-    """A recording's per-example importances, ``[2, L, H]``: plain (``example_importance``) and compensated."""
-    return torch.stack([outputs.example_importance, outputs.compensated_importance])
 
 
 def _states(metric) -> dict[str, Any]:
     """A copy of a ``torchmetrics`` metric's states."""
-    return {name: getattr(metric, name).clone() for name in metric._defaults}
+    return {name: value.clone() for name, value in metric.metric_state.items()}
