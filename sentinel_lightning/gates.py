@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
 from sentinel_lightning.families import attention_modules, family_of, head_shape, output_projections
@@ -68,6 +69,9 @@ class HeadGates(nn.Module):
         self.register_buffer("compensation", torch.zeros(num_layers, num_heads, head_dim))
         self.register_buffer("reconstruction", None)  # created by set_linear_compensation (or a loaded state)
         self.register_buffer("key_value_mix", None)  # created by set_key_value_mix (or a loaded state)
+        # The handles of the hooks ``register_hooks`` put on the model: a plain list, not state; ``copy.deepcopy``
+        # and pickling keep them pointing at the copy's hooks.
+        self._hook_handles: list[RemovableHandle] = []
         # The gradient of a pruned head's gate is exactly zero: values * active has no gradient where active is False.
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -211,6 +215,30 @@ class HeadGates(nn.Module):
         """Bool ``[num_layers, num_heads]``: heads that must not be pruned at the end of ``epoch``."""
         return self.protected_until >= epoch
 
+    def register_hooks(self, model: nn.Module) -> None:
+        """Makes ``model`` apply these gates: a pre-hook on every output projection, and for families that merge
+        key/value heads the hooks of ``key_value_mix`` on the key, value and attention modules (idle until a merge).
+        ``remove_hooks`` removes exactly these."""
+        self._hook_handles += [
+            projection.register_forward_pre_hook(_GateHook(self, layer))
+            for layer, projection in enumerate(output_projections(model))
+        ]
+        family = family_of(model)
+        if family.merges_key_values:
+            group_size = family.group_size(model.config)
+            for layer, attention in enumerate(attention_modules(model)):
+                self._hook_handles += [
+                    attention.k_proj.register_forward_hook(_KeyValueMixHook(self, layer)),
+                    attention.v_proj.register_forward_hook(_KeyValueMixHook(self, layer)),
+                    attention.register_forward_pre_hook(_KeyValueGroupsHook(self, group_size)),
+                ]
+
+    def remove_hooks(self) -> None:
+        """Removes exactly the hooks ``register_hooks`` registered."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+
     def extra_repr(self) -> str:
         return f"num_layers={self.num_layers}, num_heads={self.num_heads}, active={self.num_active}"
 
@@ -286,9 +314,8 @@ def attach_gates(model: nn.Module) -> HeadGates:
     """Puts one gate on every attention head of a Hugging Face causal LM.
 
     The gates become the submodule ``model.head_gates``, so they travel in ``model.state_dict()`` and in
-    Lightning checkpoints. The handles of the hooks registered here are kept in the plain list
-    ``gates._hook_handles`` (not in the state dict; ``copy.deepcopy`` and pickling keep them pointing at the
-    copy's hooks), which ``detach_gates`` removes them through. Attaching twice returns the gates already there.
+    Lightning checkpoints; their hooks are ``HeadGates.register_hooks``', which ``detach_gates`` removes. Attaching
+    twice returns the gates already there.
 
     Args:
         model: A causal LM of a supported family (see ``families.FAMILIES``).
@@ -312,19 +339,7 @@ def attach_gates(model: nn.Module) -> HeadGates:
     reference = next(model.parameters())
     gates = HeadGates(num_layers, num_heads, head_dim).to(reference.device)
     model.add_module(GATES_ATTRIBUTE, gates)
-    gates._hook_handles = [
-        projection.register_forward_pre_hook(_GateHook(gates, layer))
-        for layer, projection in enumerate(output_projections(model))
-    ]
-    family = family_of(model)
-    if family.merges_key_values:
-        group_size = family.group_size(model.config)
-        for layer, attention in enumerate(attention_modules(model)):
-            gates._hook_handles += [
-                attention.k_proj.register_forward_hook(_KeyValueMixHook(gates, layer)),
-                attention.v_proj.register_forward_hook(_KeyValueMixHook(gates, layer)),
-                attention.register_forward_pre_hook(_KeyValueGroupsHook(gates, group_size)),
-            ]
+    gates.register_hooks(model)
     return gates
 
 
@@ -336,9 +351,7 @@ def detach_gates(model: nn.Module) -> None:
     gates = getattr(model, GATES_ATTRIBUTE, None)
     if not isinstance(gates, HeadGates):
         return
-    for handle in getattr(gates, "_hook_handles", ()):
-        handle.remove()
-    gates._hook_handles = []
+    gates.remove_hooks()
     if gates.key_value_mix is not None:  # the attention read one key/value head per query head while mixing
         group_size = family_of(model).group_size(model.config)
         for attention in attention_modules(model):

@@ -26,6 +26,25 @@ from sentinel_lightning.pretrained import load_causal_lm
 TEACHERS = ("loaded", "before_pruning")
 
 
+class _Teacher:
+    """Holds the distillation teacher where ``nn.Module`` does not look (a plain attribute, not a submodule): in
+    no ``state_dict()``, no ``parameters()`` (so no optimizer) and no ``.to()``.
+
+    Attributes:
+        model: The frozen teacher (eval mode, no gradients), or None.
+        taken_at_step: The global step of the pruning event ``on_before_prune`` took it at, or None.
+    """
+
+    def __init__(self) -> None:
+        self.model: PreTrainedModel | None = None
+        self.taken_at_step: int | None = None
+
+    def set(self, model: PreTrainedModel | None, taken_at_step: int | None = None) -> None:
+        """Makes ``model`` the teacher (frozen here), or none with None (to free the previous one before a copy)."""
+        self.model = None if model is None else model.eval().requires_grad_(False)
+        self.taken_at_step = taken_at_step
+
+
 class GatedLanguageModel(L.LightningModule):
     """A causal LM whose every attention head is gated, trained with AdamW and a linear warm-up and decay.
 
@@ -118,8 +137,8 @@ class GatedLanguageModel(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "model_config"])
         # A checkpoint rebuilds the module from a name or path, or else from the config of the model object.
         self.hparams.update(model=model, model_config=model_config if model is None else None)
-        # The dense teacher, outside the module tree (no state_dict, no optimizer, no .to()); None without distillation.
-        self.__dict__["_teacher"] = self._copy_teacher(built_from_config=from_config)
+        self._teacher = _Teacher()  # None without distillation
+        self._teacher.set(self._copy_teacher(built_from_config=from_config))
         if lora is not None:  # after the teacher's copy, which stays the plain model
             self.model = add_lora(self.model, lora)
         self.gates: HeadGates = attach_gates(find_causal_lm(self.model))
@@ -134,7 +153,7 @@ class GatedLanguageModel(L.LightningModule):
     @property
     def teacher(self) -> PreTrainedModel | None:
         """The frozen dense teacher (eval mode, no gradients), or None when ``distillation`` is 0."""
-        return self.__dict__.get("_teacher")
+        return self._teacher.model
 
     def _copy_teacher(self, built_from_config: bool) -> PreTrainedModel | None:
         """A frozen copy of ``self.model`` as loaded, without gates; None without distillation or dense weights, or
@@ -143,16 +162,15 @@ class GatedLanguageModel(L.LightningModule):
             return None
         teacher = copy.deepcopy(self.model)
         detach_gates(teacher)  # a model object given with gates already attached: the teacher is its dense self
-        return teacher.eval().requires_grad_(False)
+        return teacher
 
     def on_before_prune(self, trainer: L.Trainer, heads: list[tuple[int, int]]) -> None:
         """Called by ``HeadPruning`` just before it prunes ``heads``: with ``distillation_teacher="before_pruning"``,
         the model as it is now (gates and the compensation of earlier pruned heads included) becomes the teacher."""
         if self.hparams.distillation == 0 or self.hparams.distillation_teacher != "before_pruning":
             return
-        self.__dict__["_teacher"] = None  # free the previous teacher before copying
-        self.__dict__["_teacher"] = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.__dict__["_teacher_taken_at_step"] = trainer.global_step
+        self._teacher.set(None)  # free the previous teacher before copying
+        self._teacher.set(copy.deepcopy(self.model), taken_at_step=trainer.global_step)
 
     def on_head_event(self, trainer: L.Trainer, event: HeadEvent) -> None:
         """A pruning event that ``on_before_prune`` did not see (another callback's) makes the model before it the
@@ -161,12 +179,13 @@ class GatedLanguageModel(L.LightningModule):
             return
         if self.hparams.distillation_teacher != "before_pruning":
             return
-        if self.__dict__.pop("_teacher_taken_at_step", None) == event.step:
+        if self._teacher.taken_at_step == event.step:
+            self._teacher.taken_at_step = None
             return
-        self.__dict__["_teacher"] = None  # free the previous teacher before copying
+        self._teacher.set(None)  # free the previous teacher before copying
         teacher = copy.deepcopy(self.model)
         find_gates(teacher).reactivate(event.heads)
-        self.__dict__["_teacher"] = teacher.eval().requires_grad_(False)
+        self._teacher.set(teacher)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -179,7 +198,7 @@ class GatedLanguageModel(L.LightningModule):
         if state is not None and self.hparams.distillation > 0:
             teacher = copy.deepcopy(self.model)  # the same architecture, gates included
             teacher.load_state_dict(state)
-            self.__dict__["_teacher"] = teacher.eval().requires_grad_(False)
+            self._teacher.set(teacher)
 
     @override
     def on_fit_start(self) -> None:
