@@ -11,7 +11,7 @@ from sentinel_lightning.callbacks import (
 )
 from sentinel_lightning.compaction import compact
 from sentinel_lightning.data import LanguageModelingDataModule
-from sentinel_lightning.events import HeadEvent, HeadEventListener
+from sentinel_lightning.events import HeadEvent, HeadEventListener, ModuleHeadEventListener, PruningAwareModule
 from sentinel_lightning.gates import HeadGates, attach_gates, find_gates
 from sentinel_lightning.module import GatedLanguageModel
 from sentinel_lightning.saving import load_pruned, save_pruned
@@ -31,6 +31,8 @@ __all__ = [
     "HeadReactivation",
     "KeyValueMerging",
     "LanguageModelingDataModule",
+    "ModuleHeadEventListener",
+    "PruningAwareModule",
     "attach_gates",
     "compact",
     "find_gates",

@@ -2,13 +2,14 @@
 
 The callbacks that change gates keep their events in their state and announce each one to every callback of the
 trainer that is a ``HeadEventListener`` (``HeadMetrics``, ``HeadReactivation`` and ``GateMonitor`` are; a user's
-callback can be too), and to the LightningModule when it defines ``on_head_event``.
+callback can be too), and to the LightningModule when it is a ``ModuleHeadEventListener`` (``GatedLanguageModel``
+is; a user's module can be too). ``HeadPruning`` also tells a ``PruningAwareModule`` just before it prunes.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -66,6 +67,26 @@ class HeadEventListener(L.Callback):
         """Called on every rank after the gates changed."""
 
 
+@runtime_checkable
+class ModuleHeadEventListener(Protocol):
+    """A LightningModule that hears every pruning and reactivation event of its trainer.
+
+    Unlike ``HeadEventListener.on_head_event`` the module is not passed: it is ``self``.
+    """
+
+    def on_head_event(self, trainer: L.Trainer, event: HeadEvent) -> None:
+        """Called on every rank after the gates changed, after every ``HeadEventListener`` callback."""
+
+
+@runtime_checkable
+class PruningAwareModule(Protocol):
+    """A LightningModule that ``HeadPruning`` tells just before it prunes, while the model is still as it was."""
+
+    def on_before_prune(self, trainer: L.Trainer, heads: list[tuple[int, int]]) -> None:
+        """Called on every rank with the ``(layer, head)`` pairs about to be pruned, before any gate or
+        compensation changes."""
+
+
 def find_callback(trainer: L.Trainer, kind: type[CallbackType]) -> CallbackType | None:
     """The first callback of ``trainer`` that is a ``kind``, or None."""
     return next((callback for callback in trainer.callbacks if isinstance(callback, kind)), None)
@@ -73,11 +94,10 @@ def find_callback(trainer: L.Trainer, kind: type[CallbackType]) -> CallbackType 
 
 def notify_head_event(trainer: L.Trainer, pl_module: L.LightningModule, event: HeadEvent) -> None:
     """Logs ``event`` on rank zero and calls ``on_head_event`` of every ``HeadEventListener`` of ``trainer``, then
-    the LightningModule's own ``on_head_event(trainer, event)`` when it has one (``GatedLanguageModel`` does)."""
+    the LightningModule's own when it is a ``ModuleHeadEventListener`` (``GatedLanguageModel`` is)."""
     rank_zero_info(f"sentinel-lightning: {event.describe()}")
     for callback in trainer.callbacks:
         if isinstance(callback, HeadEventListener):
             callback.on_head_event(trainer, pl_module, event)
-    module_listener = getattr(pl_module, "on_head_event", None)
-    if callable(module_listener):
-        module_listener(trainer, event)
+    if isinstance(pl_module, ModuleHeadEventListener):
+        pl_module.on_head_event(trainer, event)

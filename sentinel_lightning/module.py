@@ -165,8 +165,9 @@ class GatedLanguageModel(L.LightningModule):
         return teacher
 
     def on_before_prune(self, trainer: L.Trainer, heads: list[tuple[int, int]]) -> None:
-        """Called by ``HeadPruning`` just before it prunes ``heads``: with ``distillation_teacher="before_pruning"``,
-        the model as it is now (gates and the compensation of earlier pruned heads included) becomes the teacher."""
+        """Called by ``HeadPruning`` just before it prunes ``heads`` (``events.PruningAwareModule``): with
+        ``distillation_teacher="before_pruning"``, the model as it is now (gates and the compensation of earlier
+        pruned heads included) becomes the teacher."""
         if self.hparams.distillation == 0 or self.hparams.distillation_teacher != "before_pruning":
             return
         self._teacher.set(None)  # free the previous teacher before copying
@@ -174,7 +175,7 @@ class GatedLanguageModel(L.LightningModule):
 
     def on_head_event(self, trainer: L.Trainer, event: HeadEvent) -> None:
         """A pruning event that ``on_before_prune`` did not see (another callback's) makes the model before it the
-        teacher, as far as giving its heads back restores it."""
+        teacher, as far as giving its heads back restores it (``events.ModuleHeadEventListener``)."""
         if event.kind != "prune" or self.hparams.distillation == 0:
             return
         if self.hparams.distillation_teacher != "before_pruning":

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from sentinel_lightning import GateMonitor, HeadMetrics, HeadPruning, find_gates
 from sentinel_lightning.attention_entropy import attention_entropy
+from sentinel_lightning.events import ModuleHeadEventListener, PruningAwareModule
 
 
 class TupleBatchModule(L.LightningModule):
@@ -107,3 +108,29 @@ def test_ddp_ranks_take_one_entropy_decision_on_tuple_batches(tmp_path):
     rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1))
     assert torch.equal(rank0["active"], rank1["active"]) and int(rank0["active"].sum()) == 4
     assert rank0["entropy_weight"] > 0 and rank1["entropy_weight"] > 0  # each rank recorded its own batches
+
+
+class ListeningModule(TupleBatchModule):
+    """A user's module that hears the pruning through the module protocols of ``events`` (no library base class)."""
+
+    def __init__(self):
+        super().__init__(family="llama")
+        self.heard = []
+
+    def on_before_prune(self, trainer, heads):
+        self.heard.append(("before_prune", sorted(heads), find_gates(self).num_active))
+
+    def on_head_event(self, trainer, event):
+        self.heard.append((event.kind, sorted(event.heads), find_gates(self).num_active))
+
+
+def test_a_users_module_hears_the_pruning_before_and_after_the_gates_change():
+    L.seed_everything(0)
+    module = ListeningModule()
+    assert isinstance(module, ModuleHeadEventListener) and isinstance(module, PruningAwareModule)
+    assert not isinstance(TupleBatchModule(), ModuleHeadEventListener)
+    pruning = HeadPruning("gradient", {0: 0.25})
+    tiny_trainer(max_epochs=1, callbacks=[HeadMetrics(), pruning]).fit(module, tuple_loader())
+    (event,) = pruning.events
+    heads = sorted(event.heads)
+    assert module.heard == [("before_prune", heads, 8), ("prune", heads, 6)]

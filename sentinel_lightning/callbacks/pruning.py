@@ -14,7 +14,7 @@ from typing_extensions import override
 from sentinel_lightning.callbacks.divergence import divergence_error
 from sentinel_lightning.callbacks.head_metrics import HeadMetrics
 from sentinel_lightning.checks import nonfinite_parameters
-from sentinel_lightning.events import HeadEvent, find_callback, notify_head_event
+from sentinel_lightning.events import HeadEvent, PruningAwareModule, find_callback, notify_head_event
 from sentinel_lightning.families import family_of
 from sentinel_lightning.gates import HeadGates, find_causal_lm, find_or_attach_gates
 from sentinel_lightning.metrics import HeadStatistics
@@ -388,9 +388,8 @@ class HeadPruning(L.Callback):
         )
         heads = trainer.strategy.broadcast(heads, src=0)  # one decision for every rank
         if heads:
-            before_prune = getattr(pl_module, "on_before_prune", None)
-            if callable(before_prune):  # the model as it is now, before any gate or compensation changes
-                before_prune(trainer, heads)
+            if isinstance(pl_module, PruningAwareModule):  # the model as it is now, before any gate changes
+                pl_module.on_before_prune(trainer, heads)
             compensation = metrics.get("output_mean") if self.compensate != "none" else None
             self.prune(trainer, gates, heads, metrics.get("grad_norm"), compensation)
             if self.compensate == "linear":
