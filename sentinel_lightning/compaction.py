@@ -12,7 +12,7 @@ parameter count drops with every pruned query head. A layer whose heads are all 
 ``families.EmptyAttention``.
 
 A pruned head with a compensation (``HeadGates.compensation[l, h]``, ``[D]``: the constant it writes instead of
-its output, see ``HeadPruning(compensate=True)``) is folded through the output projection into its bias:
+its output, see ``HeadPruning(compensate="mean")``) is folded through the output projection into its bias:
 ``bias += W_o[:, h] @ compensation[l, h]`` summed over the layer's pruned heads (an ``EmptyAttention`` gets that
 bias). A family without an output bias gets one (``families.AttentionFamily.add_output_biases``): Llama states it
 with ``attention_bias`` (zero query/key/value biases), so a uniform layout still loads with plain transformers;

@@ -36,7 +36,7 @@ class HeadGates(nn.Module):
         protected_until: The last epoch at whose end each head must not be pruned (-1: none),
             ``[num_layers, num_heads]``; reactivation protects the heads it gives back.
         compensation: What a pruned head writes in place of its output, ``[num_layers, num_heads, head_dim]``
-            (zeros: a pruned head writes nothing). ``HeadPruning(compensate=True)`` sets it to the head's mean
+            (zeros: a pruned head writes nothing). ``HeadPruning(compensate="mean")`` sets it to the head's mean
             output (FLAP's bias compensation) and ``compaction.compact`` folds it into the output projection's
             bias. It is read only while the head is pruned: reactivation leaves it, and the next pruning of the
             head overwrites it.

@@ -233,10 +233,10 @@ class HeadStatistics(torch.nn.Module):
       same steps (``|sum| <= sum of |.|``).
     - ``compensated_importance``: the mean over examples of ``|sum_t <dL_b/dx, x - m>|``, the first-order change
       of example ``b``'s loss when the head's gated output ``x`` is replaced by its mean output ``m`` (what
-      ``HeadPruning(compensate=True)`` writes); ``m`` is the running ``output_mean`` including the current pass.
+      ``HeadPruning(compensate="mean")`` writes); ``m`` is the running ``output_mean`` including the current pass.
       Weighted like ``example_importance``.
     - ``output_mean``: each head's output ``o[l, h, :]`` before its gate, the mean over every position of the
-      recorded passes, ``[L, H, D]`` (what ``HeadPruning(compensate=True)`` puts in place of a pruned head).
+      recorded passes, ``[L, H, D]`` (what ``HeadPruning(compensate="mean")`` puts in place of a pruned head).
 
     - ``output_second_moment`` (only after ``enable_output_second_moment()``, for linear compensation): the mean
       of ``o o^T`` over the same positions, ``[L, H, D, H * D]`` (each layer's heads flattened).

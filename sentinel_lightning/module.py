@@ -93,11 +93,9 @@ class GatedLanguageModel(L.LightningModule):
     causal-LM perplexity.
 
     What the teacher costs: memory, one more copy of the weights in their loaded dtype (fp32: N parameters x 4
-    bytes; SmolLM2-135M: 134.5M parameters, 538 MB) plus, per step, its logits and a few ``[tokens, vocab]`` fp32
-    tensors for the KL (4 x 256 tokens x 49,152: about 200 MB each); time, one no-grad forward per training step
-    and the KL: a distilled step took 1.27x a plain one (median of 4 interleaved pairs, 1.22-1.34; 86 s vs 69 s)
-    on the embedded model, batch 4 x 256, on a shared 2-core CPU (load average 4.7 before, 5.9 after), measured
-    with ``python scripts/measure_callback_overhead.py --distillation --repeats 4``.
+    bytes) plus, per step, its logits and a few ``[tokens, vocab]`` fp32 tensors for the KL; time, one no-grad
+    forward per training step and the KL (measured by ``scripts/measure_callback_overhead.py --distillation``,
+    docs/overhead.md).
     """
 
     def __init__(

@@ -265,18 +265,14 @@ def _write_modeling_code(model: PreTrainedModel, directory: str) -> None:
 
 
 def needs_modeling_code(directory: str) -> bool:
-    """Whether ``directory`` holds a model folder that only its own modeling code builds (see ``save_pruned``).
-
-    True for a ``model_type`` of sentinel-lightning's own, and for folders saved before it existed, which point
-    ``AutoModelForCausalLM`` at ``modeling_pruned``.
-    """
+    """Whether ``directory`` holds a model folder that only its own modeling code builds (see ``save_pruned``):
+    its ``config.json`` has a ``model_type`` of sentinel-lightning's own."""
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         return False
     with open(path, encoding="utf-8") as file:
         config = json.load(file)
-    auto_model = str((config.get("auto_map") or {}).get("AutoModelForCausalLM", ""))
-    return str(config.get("model_type", "")).startswith(MODEL_TYPE_PREFIX) or auto_model.startswith(MODELING_MODULE)
+    return str(config.get("model_type", "")).startswith(MODEL_TYPE_PREFIX)
 
 
 def _read_config(directory: str) -> PretrainedConfig:

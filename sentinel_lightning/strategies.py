@@ -40,8 +40,8 @@ def per_example_gradient_score(metrics: Metrics) -> torch.Tensor:
 
 def compensated_gradient_score(metrics: Metrics) -> torch.Tensor:
     """Lowest mean over examples of the first-order loss change of replacing the head's output by its mean output
-    first: the score for pruning with ``compensate=True``, where a pruned head writes that mean instead of zero (a
-    head whose output is nearly constant costs little however large it is)."""
+    first: the score for pruning with ``compensate="mean"`` (or ``"linear"``), where a pruned head writes that mean
+    (or better) instead of zero (a head whose output is nearly constant costs little however large it is)."""
     return -metrics["compensated_importance"].float()
 
 

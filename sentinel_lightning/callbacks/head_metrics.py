@@ -30,10 +30,10 @@ class HeadMetrics(HeadEventListener):
       ``grad_norm`` lets examples cancel), from each example's gate gradient; the examples of all micro-batches of
       an optimizer step (gradient accumulation) belong to that step, and an AMP loss scale is divided out.
     - ``compensated_importance``: the mean over examples of the first-order change of each example's loss when a
-      head's output is replaced by its mean output (what ``HeadPruning(compensate=True)`` writes instead of zero),
+      head's output is replaced by its mean output (what ``HeadPruning(compensate="mean")`` writes instead of zero),
       from the same per-example gradients; the mean is the running ``output_mean`` of this process.
     - ``output_mean``: each head's output before its gate, averaged over every training position, ``[L, H, D]``
-      (what ``HeadPruning(compensate=True)`` puts in place of a pruned head).
+      (what ``HeadPruning(compensate="mean")`` puts in place of a pruned head).
 
     On request of ``HeadPruning(compensate="linear")`` (``require_output_second_moment``) it also keeps
     ``output_second_moment``, the mean of the products of each layer's head outputs (``[L, H, D, H * D]``), from
@@ -108,12 +108,12 @@ class HeadMetrics(HeadEventListener):
 
         Reduces across DDP ranks: every rank must call it at the same point, with the same keys.
         """
-        return self._set_up_statistics("compute").compute(keys)
+        return self._require_statistics("compute").compute(keys)
 
     def output_second_moment(self, layers: Iterable[int]) -> dict[int, torch.Tensor]:
         """``{layer: [H, D, H * D]}``: the second moment of the given layers only (on the host), as
         ``compute()["output_second_moment"][layer]``; a DDP collective (every rank asks for the same layers)."""
-        moment = self._set_up_statistics("output_second_moment").output_second_moment
+        moment = self._require_statistics("output_second_moment").output_second_moment
         if moment is None:
             raise RuntimeError("HeadMetrics keeps no output_second_moment: call require_output_second_moment() first.")
         return {layer: moment.compute_layer(layer).cpu() for layer in layers}
@@ -121,9 +121,9 @@ class HeadMetrics(HeadEventListener):
     def skipped(self) -> dict[str, int]:
         """``{name: n}`` per estimator: non-finite updates left out of ``compute()``'s means since the last reset,
         over every process; a DDP collective (``HeadStatistics.skipped``)."""
-        return self._set_up_statistics("skipped").skipped()
+        return self._require_statistics("skipped").skipped()
 
-    def _set_up_statistics(self, caller: str) -> HeadStatistics:
+    def _require_statistics(self, caller: str) -> HeadStatistics:
         if self.statistics is None:
             raise RuntimeError(f"HeadMetrics.{caller}() was called before the callback was set up by a Trainer.")
         return self.statistics

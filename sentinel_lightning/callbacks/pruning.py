@@ -1,10 +1,11 @@
-"""``HeadPruning``: prunes attention heads at scheduled epoch ends, by a strategy on the head metrics."""
+"""``HeadPruning``: prunes attention heads at scheduled epoch ends or optimizer steps, by a strategy on the head
+metrics."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -32,13 +33,13 @@ from sentinel_lightning.strategies import (
     unit_size,
 )
 
-Schedule = Mapping[int, float] | Callable[[int], float | None]
 # Prune after epochs 0, 1 and 2, so that the last epoch of a 4-epoch run fine-tunes the final pruned model.
 DEFAULT_SCHEDULE = {0: 0.1, 1: 0.2, 2: 0.3}
 # The strategy our own comparison recommends (docs/results.md): gradient beats random and entropy at every level.
 DEFAULT_STRATEGY = "gradient"
 INTERVALS = ("epoch", "step")
-COMPENSATIONS = ("none", "mean", "linear")
+Compensation = Literal["none", "mean", "linear"]
+COMPENSATIONS: tuple[Compensation, ...] = ("none", "mean", "linear")
 
 
 class ScheduleKey(int):
@@ -98,73 +99,30 @@ def check_schedule(schedule: Mapping, interval: str, name: str = "schedule") -> 
 
 
 class HeadPruning(L.Callback):
-    """Prunes heads at the end of scheduled training epochs until a target fraction of all query heads is pruned.
+    """Prunes heads at scheduled epoch ends or optimizer steps until a target fraction of all query heads is pruned.
 
-    Pruned gates are exactly 0 and stay 0: the effective gate is ``values * active``, so a pruned head's gate
-    gets no gradient, and its optimizer state (e.g. AdamW's moments) is cleared when it is pruned.
-
-    Heads are pruned in whole units (``unit``). A unit's score is the mean of its active heads' scores: the mean
-    puts units of any size on one scale, whatever the sign of the strategy's score. The group size ``G = H // K``
-    comes from the model at ``setup`` through the family registry (``K`` from its config; ``G = 1`` without
-    grouped-query attention, where a group is one head). Targets stay fractions of all query heads and are
-    rounded to the nearest number of heads whole units reach, ties rounding up (so never more than half a unit
-    past the target): multiples of the unit size, and under ``scope="uniform"`` multiples of ``num_layers``
-    times the uniform step (``strategies.pruning_step``). A rounding that moves the target by more than half a
-    head is warned about (rank zero), from what to what; a target the constraints cannot reach fails at
-    ``setup``, and a unit with a protected or non-finite head is never chosen.
+    Pruned gates are exactly 0 and stay 0 (no gradient, optimizer state cleared). Heads go in whole units, scored
+    by the mean of their active heads' scores; targets round to what whole units reach (warned when that moves
+    them by more than half a head); a protected or non-finite head is never chosen; no decision is taken on a
+    non-finite model (``DivergenceError``). How units, scopes, rounding and compensation work: docs/pruning.md.
 
     Args:
-        strategy: A name in ``strategies.STRATEGIES``: ``"gradient"`` (lowest batch ``|dL/dgate|`` first, the
-            default), ``"gradient_per_example"`` (lowest mean over examples of ``|dL_b/dgate|``),
-            ``"gradient_layer_norm"`` (that, normalised per layer), ``"attention_sink"`` (the heads of each layer
-            that park most attention on the first token), ``"entropy"`` (the seed's rule: highest entropy first,
-            worse than random on SmolLM2), ``"lowest_entropy"``, ``"random"`` (seeded, identical on every rank); or
-            a callable mapping the metrics (``HeadStatistics.compute(HeadStatistics.KEYS)`` plus ``"active"``, each
-            ``[L, H]``; not the second moment) to a score ``[L, H]`` (highest pruned first).
-        schedule: Maps a training epoch index (Lightning's ``current_epoch``, from 0) to the fraction of all heads
-            pruned after it, non-decreasing, each in [0, 1); or a callable of the epoch index returning the
-            fraction, or None for no pruning after that epoch. An empty mapping never prunes. With
-            ``interval="step"`` the keys are optimizer steps (``trainer.global_step``, from 1) instead. Keys the
-            trainer's limits (``max_epochs``, ``max_steps``, batches per epoch) cannot reach are warned about when
-            training starts, and keys a run stopped before (early stopping) when it ends (rank zero).
-        scope: ``"global"`` ranks every unit together; ``"layer"`` spreads the pruning evenly over the layers;
-            ``"uniform"`` leaves every layer the same shape, so that one config describes the compacted model:
-            with ``unit="head"`` every key/value group of every layer loses the same number of query heads (in
-            steps of ``K`` heads per layer; of one head per layer without grouped-query attention), with
-            ``unit="group"`` every layer loses the same number of whole groups; each layer's and each group's
-            highest-scoring units go. A later event continues from the shape already there; when
-            ``HeadReactivation`` gave heads back, the next event prunes the layers and groups that fell behind
-            back to the uniform shape of its target (choosing among unprotected active heads) and warns if the
-            shape still differs (a protected head in the way, or more pruned than the shape somewhere).
-        min_active_heads_per_layer: No layer keeps fewer active query heads (with ``unit="group"``: at least
-            ``ceil(min / G)`` whole groups). None means 1 for ``unit="head"`` and ``"group"`` and 0 for
-            ``"layer"``, which allows only 0.
+        strategy: A name in ``strategies.STRATEGIES`` (default ``"gradient"``), or a callable mapping the metrics
+            (``HeadStatistics.KEYS`` and ``"active"``, each ``[L, H]``) to a score ``[L, H]``, highest pruned first.
+        schedule: ``{epoch (or step): fraction of all heads pruned after it}``, non-decreasing in [0, 1), or a
+            callable of the index returning a fraction or None; unreachable keys are warned about.
+        scope: ``"global"`` (rank every unit together), ``"layer"`` (evenly over the layers) or ``"uniform"``
+            (every layer and group the same shape, so that the plain config describes the compacted model).
+        min_active_heads_per_layer: The fewest active query heads a layer keeps; None: 1 (0 for ``unit="layer"``).
         seed: Seed of the ``"random"`` strategy.
         monitor: Logged metric whose value each pruning event records (and ``HeadReactivation`` compares with).
-        unit: What is pruned at once: ``"head"`` (one query head), ``"group"`` (a key/value head together with the
-            ``G`` query heads that read it; this is what shrinks the key/value cache) or ``"layer"`` (a whole
-            attention sublayer; only with ``scope="global"`` and ``min_active_heads_per_layer`` 0 or None).
-        interval: ``"epoch"`` prunes at the end of the scheduled epochs; ``"step"`` right after the scheduled
-            optimizer steps, inside an epoch, so that a gradual schedule (say 3% every 4 steps) lets the model
-            recover between small steps.
-        compensate: Output compensation (FLAP's bias compensation): a head pruned by this callback writes its
-            mean output over the training positions ``HeadMetrics`` recorded since its last reset
-            (``output_mean``, ``[L, H, D]``) instead of zero, kept in ``HeadGates.compensation``;
-            ``compaction.compact`` folds it into the output projection's bias. Needs ``HeadMetrics``. A head given
-            back by ``HeadReactivation`` keeps its compensation, unused while it is active, until it is pruned
-            again. With False a head pruned here writes zero (its compensation is cleared). ``True`` is
-            ``"mean"``; ``"linear"`` makes every pruned head of a layer touched by a pruning event write the best
-            affine prediction of its output from the layer's kept heads instead of the mean (ridge least squares
-            on the same positions, ``reconstruction.linear_compensation``; ``HeadMetrics`` then also keeps the
-            outputs' second moment, ``[L, H, D, H * D]``, and each pruned layer's forward one more ``[H * D, H *
-            D]`` product); ``compact`` folds it into the output projection, exactly. ``False`` is ``"none"``.
-
-    No decision is taken on a non-finite model: a NaN or infinite weight or gate raises a ``DivergenceError``
-    (``callbacks.divergence``), and a decision whose head metrics left out non-finite updates says so in a
-    warning and in its event's reason.
-
-    Heads protected by ``HeadReactivation`` (``HeadGates.protected``) are never chosen; the importance each pruned
-    head had is remembered in ``HeadGates.importance_at_pruning``. Both live in the gates, so checkpoints carry them.
+        unit: ``"head"`` (one query head), ``"group"`` (a key/value head and its ``G`` query heads: shrinks the
+            key/value cache) or ``"layer"`` (a whole attention sublayer; ``scope="global"`` only).
+        interval: ``"epoch"``: the schedule's keys are epoch indices (from 0), pruned at their end; ``"step"``:
+            optimizer steps (from 1), pruned right after them.
+        compensate: What a pruned head writes instead of zero: ``"none"``, ``"mean"`` (its mean output,
+            ``HeadMetrics.output_mean``) or ``"linear"`` (the least-squares prediction from its layer's kept heads);
+            ``compact`` folds either exactly into the output projection. True and False mean ``"mean"`` and ``"none"``.
     """
 
     def __init__(
@@ -177,7 +135,7 @@ class HeadPruning(L.Callback):
         monitor: str = "val_ppl",
         unit: str = "head",
         interval: str = "epoch",
-        compensate: bool | str = False,
+        compensate: Compensation | bool = "none",
     ) -> None:
         if interval not in INTERVALS:
             raise ValueError(f"interval={interval!r} is not one of {INTERVALS}.")
@@ -429,7 +387,7 @@ class HeadPruning(L.Callback):
         missing = gates.prune(heads, importance, compensation)
         if missing:
             rank_zero_warn(
-                f"HeadPruning(compensate=True): no finite mean output for {missing} pruned head(s) (nothing recorded "
+                f"HeadPruning: no finite mean output for {missing} pruned head(s) to compensate with (nothing recorded "
                 "since HeadMetrics' last reset?); they write zero instead."
             )
         pruned = ~gates.active

@@ -1,8 +1,8 @@
 """The YAML configs shipped inside the package, and ``--config`` values that name them.
 
-``sentinel-lightning fit --config entropy.yaml`` (or ``--config entropy``, or the repository's old spelling
-``--config configs/entropy.yaml``) works from any folder after a plain ``pip install``: a ``--config`` value that
-is not an existing file is read as the name of a packaged config.
+``sentinel-lightning fit --config entropy.yaml`` (or ``--config entropy``, or a path such as
+``--config configs/entropy.yaml`` that is no file here) works from any folder after a plain ``pip install``: a
+``--config`` value that is not an existing file is read as the name of a packaged config.
 """
 
 from __future__ import annotations
