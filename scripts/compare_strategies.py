@@ -34,7 +34,7 @@ from sentinel_lightning.callbacks import HeadPruning
 from sentinel_lightning.data import LanguageModelingDataModule
 from sentinel_lightning.evaluation import evaluate_model
 from sentinel_lightning.gates import HeadGates, attach_gates, find_gates
-from sentinel_lightning.metrics import measure_head_metrics
+from sentinel_lightning.measure.statistics import measure_head_metrics
 from sentinel_lightning.pretrained import byte_level_tokenizer
 from sentinel_lightning.strategies import STRATEGIES, resolve_strategy, select_heads
 from sentinel_lightning.tiny import tiny_model

@@ -33,8 +33,8 @@ import torch
 from rich.progress import track
 
 from sentinel_lightning import GatedLanguageModel, HeadMetrics
-from sentinel_lightning.attention_entropy import EntropyRecording
-from sentinel_lightning.head_outputs import HeadOutputRecording
+from sentinel_lightning.measure.attention_entropy import EntropyRecording
+from sentinel_lightning.measure.head_outputs import HeadOutputRecording
 from sentinel_lightning.tiny import tiny_model
 
 

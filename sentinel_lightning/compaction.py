@@ -41,12 +41,17 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from sentinel_lightning.families import AttentionFamily, family_of
 from sentinel_lightning.gates import HeadGates, detach_gates, find_causal_lm, find_gates
 from sentinel_lightning.lora import merge_adapters
 from sentinel_lightning.merging import merged_layout, reads_own_groups
 from sentinel_lightning.pretrained import forget_quantization
-from sentinel_lightning.pruned_modeling import ORIGINAL_HEADS, equal_groups, key_value_indices, resize_attention
+from sentinel_lightning.standalone.families import AttentionFamily, family_of
+from sentinel_lightning.standalone.pruned_modeling import (
+    ORIGINAL_HEADS,
+    equal_groups,
+    key_value_indices,
+    resize_attention,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Counting

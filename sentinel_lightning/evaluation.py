@@ -3,7 +3,7 @@
 Every measurement takes the model and its batches: ``evaluate`` measures all three for a model, or for a gated
 model before and after its pruning, and returns them as a dict. The ``sentinel-lightning evaluate`` subcommand
 (``cli.evaluate``) loads the model and builds the data, then prints that dict as a table. Perplexity follows the
-library's one measurement contract, ``metrics.causal_lm_nll``.
+library's one measurement contract, ``losses.causal_lm_nll``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from sentinel_lightning.gates import find_causal_lm, find_gates
-from sentinel_lightning.metrics import causal_lm_nll
+from sentinel_lightning.losses import causal_lm_nll
 
 DEFAULT_PROMPT = "In Python, a function definition"
 REPETITION_WINDOW = 50

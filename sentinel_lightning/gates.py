@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
-from sentinel_lightning.families import attention_modules, family_of, head_shape, output_projections
-from sentinel_lightning.pruned_modeling import uniform_layers
+from sentinel_lightning.standalone.families import attention_modules, family_of, head_shape, output_projections
+from sentinel_lightning.standalone.pruned_modeling import uniform_layers
 
 GATES_ATTRIBUTE = "head_gates"
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from sentinel_lightning.families import output_projections
 from sentinel_lightning.gates import _GateHook, attach_gates, detach_gates, find_causal_lm, find_gates
+from sentinel_lightning.standalone.families import output_projections
 
 
 def _peft():

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from sentinel_lightning.families import head_shape
+from sentinel_lightning.standalone.families import head_shape
 
 FP64, FP32 = 8, 4
 PER_HEAD_MEAN_OVERHEAD = 5 * FP64  # weight, skipped and the three one-element defaults torchmetrics keeps

@@ -14,13 +14,8 @@ from typing_extensions import override
 from sentinel_lightning.events import HeadEvent
 from sentinel_lightning.gates import HeadGates, attach_gates, detach_gates, find_causal_lm, find_gates
 from sentinel_lightning.lora import add_lora
-from sentinel_lightning.metrics import (
-    Perplexity,
-    causal_lm_inputs,
-    causal_lm_nll,
-    causal_lm_token_kl,
-    causal_lm_token_losses,
-)
+from sentinel_lightning.losses import causal_lm_inputs, causal_lm_nll, causal_lm_token_kl, causal_lm_token_losses
+from sentinel_lightning.metrics import Perplexity
 from sentinel_lightning.pretrained import load_causal_lm
 
 TEACHERS = ("loaded", "before_pruning")
@@ -62,7 +57,7 @@ class GatedLanguageModel(L.LightningModule):
         attn_implementation: Attention implementation to load the model with (``"sdpa"``, ``"eager"``, ...).
         distillation: Weight ``d`` in [0, 1] of the distillation from the dense model: the training loss is
             ``(1 - d) * CE + d * T**2 * KL(teacher_T || student_T)``, both averaged over the predicted tokens (one
-            forward, one mask: ``metrics.causal_lm_inputs``). 0 (the default) is plain fine-tuning, with no teacher.
+            forward, one mask: ``losses.causal_lm_inputs``). 0 (the default) is plain fine-tuning, with no teacher.
         distillation_temperature: Temperature ``T`` > 0 of both distributions in the KL.
         distillation_teacher: ``"loaded"``: the model as loaded (dense, before any pruning or fine-tuning);
             ``"before_pruning"``: the model as it was just before the latest pruning event (fine-tuned so far,

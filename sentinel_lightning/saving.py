@@ -4,7 +4,7 @@
 counts describe (never compacted, or the uniform shape of the Llama family, see ``compaction``) is a plain
 transformers folder. Any other layout (layers with different head counts, unequal key/value groups, a fully
 pruned layer, GPT-2, OPT and GPT-NeoX) is saved with the modeling code it needs: ``families.py`` and
-``pruned_modeling.py`` copied from this package, and a generated ``modeling_pruned.py`` whose
+``pruned_modeling.py`` copied from ``sentinel_lightning/standalone/``, and a generated ``modeling_pruned.py`` whose
 ``Pruned<Class>`` rebuilds the layers; ``config.auto_map`` points ``AutoModelForCausalLM`` at it, so
 ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads it without sentinel-lightning.
 
@@ -36,13 +36,24 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from sentinel_lightning import families, pruned_modeling
+from sentinel_lightning import standalone
 from sentinel_lightning.checks import describe_nonfinite, nonfinite_parameters
 from sentinel_lightning.compaction import compact
 from sentinel_lightning.gates import find_causal_lm, find_gates
-from sentinel_lightning.pruned_modeling import MODEL_TYPE_PREFIX, check_kept_heads, rebuild_layers, stock_describes
+from sentinel_lightning.standalone.families import family_of
+from sentinel_lightning.standalone.pruned_modeling import (
+    MODEL_TYPE_PREFIX,
+    check_kept_heads,
+    rebuild_layers,
+    stock_describes,
+)
 
 MODELING_MODULE = "modeling_pruned"  # the generated entry module of a folder saved with modeling code
+# The modules a folder saved with modeling code ships: every module of ``standalone`` (which imports nothing else).
+_STANDALONE_FOLDER = os.path.dirname(standalone.__file__)
+STANDALONE_FILES = tuple(
+    sorted(name for name in os.listdir(_STANDALONE_FOLDER) if name.endswith(".py") and name != "__init__.py")
+)
 # Files and folders that a Hugging Face model or tokenizer save writes (fnmatch patterns): what an overwriting
 # save_pruned removes when the new save does not write them. Other files in the folder are kept.
 MODEL_FILE_PATTERNS = (
@@ -55,7 +66,7 @@ MODEL_FILE_PATTERNS = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
     "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "*.tiktoken",
     "chat_template.jinja", "chat_template.json", "additional_chat_templates",
-    "modeling_*.py", "configuration_*.py", "tokenization_*.py", "families.py", "pruned_modeling.py",
+    "modeling_*.py", "configuration_*.py", "tokenization_*.py", *STANDALONE_FILES,
 )
 _MODELING_TEMPLATE = '''"""Written by sentinel-lightning's save_pruned: {base} with the attention layers of its config.
 
@@ -237,8 +248,8 @@ def _write_modeling_code(model: PreTrainedModel, directory: str) -> None:
     ``from_pretrained(..., trust_remote_code=True)`` then imports ``modeling_pruned.py``, which transformers copies
     together with the files it imports relatively (``pruned_modeling.py``, and ``families.py`` through it).
     """
-    for module in (families, pruned_modeling):
-        shutil.copyfile(module.__file__, os.path.join(directory, os.path.basename(module.__file__)))
+    for name in STANDALONE_FILES:
+        shutil.copyfile(os.path.join(_STANDALONE_FOLDER, name), os.path.join(directory, name))
     config_class = type(model.config)
     base = _causal_lm_class(config_class)
     name, config_name = f"Pruned{base.__name__}", f"Pruned{config_class.__name__}"
@@ -351,7 +362,7 @@ def _mismatch_message(directory: str, model: PreTrainedModel, mismatched) -> str
     """Says, layer by layer, which weights have other shapes than the heads the config records for that layer."""
     config = model.config
     names = {id(module): name for name, module in model.named_modules()}
-    prefixes = [names[id(layer)] + "." for layer in families.family_of(model).decoder_layers(model)]
+    prefixes = [names[id(layer)] + "." for layer in family_of(model).decoder_layers(model)]
     by_layer: dict[int | None, list[str]] = {}
     for key, in_file, expected in sorted(mismatched, key=lambda item: item[0]):
         layer = next((index for index, prefix in enumerate(prefixes) if key.startswith(prefix)), None)

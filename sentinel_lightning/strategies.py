@@ -1,7 +1,7 @@
 """Pruning strategies: pure functions from per-head metrics to the heads to prune.
 
 A strategy maps the metrics (``{"entropy", "sink_mass", "rest_entropy", "grad_norm", "example_importance",
-"compensated_importance", "active": [L, H], ...}``, see ``metrics.HeadStatistics``) to a score ``[L, H]``; the
+"compensated_importance", "active": [L, H], ...}``, see ``measure.HeadStatistics``) to a score ``[L, H]``; the
 heads with the highest scores are pruned first. A score reads ``HeadMetrics``' measurements unless it declares
 ``needs_head_metrics = False`` (``needs_head_metrics``), which ``HeadPruning`` checks at setup. ``select_heads``
 then picks whole units (a query head, a key/value group or a layer) under the scope and the per-layer minimum,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from sentinel_lightning.families import FAMILIES
+from sentinel_lightning.standalone.families import FAMILIES
 
 TINY_VOCAB = 260  # the byte-level tokenizer's 256 bytes and its special token (id 256) fit
 

@@ -1,16 +1,16 @@
 """Tiny randomly initialised models of every supported family: 2 layers, 4 heads, width 32.
 
-The families come from the registry (``sentinel_lightning.families.FAMILIES``): a new entry there is tested by
-every test that takes the ``family`` fixture, and by those parametrised over ``HEAD_COMPACTING`` (the families
-whose ``compact`` removes single heads) or ``GROUPED`` (grouped-query attention) where they apply.
+The families come from the registry (``sentinel_lightning.standalone.families.FAMILIES``): a new entry there is
+tested by every test that takes the ``family`` fixture, and by those parametrised over ``HEAD_COMPACTING`` (the
+families whose ``compact`` removes single heads) or ``GROUPED`` (grouped-query attention) where they apply.
 """
 
 import pytest
 import torch
 
-from sentinel_lightning import families
 from sentinel_lightning.cli.fit import JOB_DEFAULTS
 from sentinel_lightning.module import GatedLanguageModel
+from sentinel_lightning.standalone import families
 from sentinel_lightning.tiny import TINY_VOCAB, tiny_config, tiny_model  # noqa: F401 (used by the tests)
 
 VOCAB = TINY_VOCAB

@@ -1,8 +1,8 @@
 import torch
 from conftest import tiny_model
 
-from sentinel_lightning.attention_entropy import attention_entropy
 from sentinel_lightning.gates import attach_gates
+from sentinel_lightning.measure.attention_entropy import attention_entropy
 
 
 def _reference_entropy(model, tokens, mask):
@@ -44,7 +44,7 @@ def test_uniform_attention_has_log_n_entropy():
 
 
 def test_sink_mass_and_rest_entropy_of_known_distributions():
-    from sentinel_lightning.attention_entropy import attention_statistics
+    from sentinel_lightning.measure.attention_entropy import attention_statistics
 
     probs = torch.tensor([[[[1.0, 0.0, 0.0], [0.5, 0.25, 0.25], [0.0, 0.5, 0.5]]]])  # [B=1, H=1, T=3, S=3]
     stats = attention_statistics(probs)

@@ -218,7 +218,7 @@ def test_a_callable_strategy_that_declares_no_head_metrics_prunes_without_them()
 
 
 def test_trainer_free_measurement_uses_the_same_estimators_as_head_metrics():
-    from sentinel_lightning.metrics import measure_head_metrics
+    from sentinel_lightning.measure.statistics import measure_head_metrics
 
     L.seed_everything(0)
     initial = tiny_model("llama")

@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM
 from sentinel_lightning import GatedLanguageModel
 from sentinel_lightning.cli.export import export_checkpoint
 from sentinel_lightning.compaction import compact, count_parameters, kv_cache_bytes_per_token, weight_bytes
-from sentinel_lightning.families import (
+from sentinel_lightning.gates import attach_gates, find_gates
+from sentinel_lightning.saving import load_pruned, save_pruned
+from sentinel_lightning.standalone.families import (
     FAMILIES,
     EmptyAttention,
     LayerHeadCount,
@@ -21,9 +23,7 @@ from sentinel_lightning.families import (
     family_of,
     head_shape,
 )
-from sentinel_lightning.gates import attach_gates, find_gates
-from sentinel_lightning.pruned_modeling import has_query_slots
-from sentinel_lightning.saving import load_pruned, save_pruned
+from sentinel_lightning.standalone.pruned_modeling import has_query_slots
 from sentinel_lightning.tiny import tiny_config
 
 GROUPED_COMPACTING = [name for name in GROUPED if name in HEAD_COMPACTING]

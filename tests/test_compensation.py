@@ -12,15 +12,15 @@ from test_saving import CODE_FILES, load_without_package, uniform_model
 
 from sentinel_lightning import GatedLanguageModel, HeadMetrics, HeadPruning
 from sentinel_lightning.compaction import compact
-from sentinel_lightning.families import (
+from sentinel_lightning.gates import attach_gates, find_gates
+from sentinel_lightning.saving import load_pruned, save_pruned
+from sentinel_lightning.standalone.families import (
     FAMILIES,
     OUTPUT_BIAS_ATTRIBUTE,
     EmptyAttention,
     attention_modules,
     output_projections,
 )
-from sentinel_lightning.gates import attach_gates, find_gates
-from sentinel_lightning.saving import load_pruned, save_pruned
 
 
 def compensate(model, seed: int = 0):

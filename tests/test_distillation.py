@@ -13,7 +13,7 @@ from sentinel_lightning import GatedLanguageModel, HeadPruning
 from sentinel_lightning.cli import main
 from sentinel_lightning.events import HeadEvent, notify_head_event
 from sentinel_lightning.gates import find_gates
-from sentinel_lightning.metrics import causal_lm_nll
+from sentinel_lightning.losses import causal_lm_nll
 
 
 def step_loss(module, batch):

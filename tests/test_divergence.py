@@ -23,7 +23,8 @@ from sentinel_lightning import (
 from sentinel_lightning.checks import nonfinite_parameters
 from sentinel_lightning.cli import EXIT_DIVERGED, main
 from sentinel_lightning.gates import find_causal_lm
-from sentinel_lightning.metrics import HeadStatistics, PerHeadMean
+from sentinel_lightning.measure.statistics import HeadStatistics
+from sentinel_lightning.metrics import PerHeadMean
 from sentinel_lightning.tiny import save_tiny_model
 
 

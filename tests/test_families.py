@@ -9,7 +9,8 @@ import torch
 from conftest import HEAD_COMPACTING, tiny_model
 from test_compaction import key_value_widths
 
-from sentinel_lightning.families import (
+from sentinel_lightning.gates import attach_gates, detach_gates
+from sentinel_lightning.standalone.families import (
     FAMILIES,
     AttentionFamily,
     EmptyAttention,
@@ -20,8 +21,7 @@ from sentinel_lightning.families import (
     num_key_value_heads,
     output_projections,
 )
-from sentinel_lightning.gates import attach_gates, detach_gates
-from sentinel_lightning.pruned_modeling import has_query_slots, resize_attention
+from sentinel_lightning.standalone.pruned_modeling import has_query_slots, resize_attention
 from sentinel_lightning.tiny import tiny_config
 
 PRUNED = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]  # layer 0 loses every head; layer 1 keeps unequal groups (1, 2)

@@ -9,9 +9,9 @@ from conftest import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from sentinel_lightning import GatedLanguageModel, load_pruned
-from sentinel_lightning import families as registry
 from sentinel_lightning.cli import main
 from sentinel_lightning.saving import MODELING_MODULE
+from sentinel_lightning.standalone import families as registry
 from sentinel_lightning.tiny import save_tiny_model
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_model
 
-from sentinel_lightning.families import head_shape, output_projections
 from sentinel_lightning.gates import HeadGates, attach_gates, detach_gates, find_gates, find_or_attach_gates
+from sentinel_lightning.standalone.families import head_shape, output_projections
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])

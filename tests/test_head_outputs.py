@@ -7,10 +7,11 @@ from conftest import VOCAB, tiny_model, tiny_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from sentinel_lightning import HeadMetrics
-from sentinel_lightning.families import output_projections
 from sentinel_lightning.gates import attach_gates, find_gates
-from sentinel_lightning.head_outputs import ExampleImportance, HeadOutputRecording
-from sentinel_lightning.metrics import HeadStatistics, causal_lm_nll, measure_head_metrics
+from sentinel_lightning.losses import causal_lm_nll
+from sentinel_lightning.measure.head_outputs import ExampleImportance, HeadOutputRecording
+from sentinel_lightning.measure.statistics import HeadStatistics, measure_head_metrics
+from sentinel_lightning.standalone.families import output_projections
 
 
 def test_per_example_gradients_add_up_to_the_gate_gradient(family, tokens):

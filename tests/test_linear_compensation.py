@@ -10,11 +10,11 @@ from test_compaction import compact_exactly, pruned_model
 from test_saving import CODE_FILES, load_without_package, uniform_llama
 
 from sentinel_lightning import GatedLanguageModel, HeadMetrics, HeadPruning
-from sentinel_lightning.families import output_projections
 from sentinel_lightning.gates import attach_gates, find_gates
-from sentinel_lightning.metrics import measure_head_metrics
+from sentinel_lightning.measure.statistics import measure_head_metrics
 from sentinel_lightning.reconstruction import linear_compensation
 from sentinel_lightning.saving import load_pruned, save_pruned
+from sentinel_lightning.standalone.families import output_projections
 
 
 def projection_inputs(model, tokens, layer):

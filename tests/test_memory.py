@@ -8,8 +8,8 @@ from conftest import tiny_config, tiny_data, tiny_model, tiny_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from sentinel_lightning import GatedLanguageModel, GateMonitor, HeadMetrics, HeadPruning
-from sentinel_lightning.attention_entropy import EntropyRecording
 from sentinel_lightning.gates import attach_gates
+from sentinel_lightning.measure.attention_entropy import EntropyRecording
 from sentinel_lightning.memory import head_state_bytes, model_bytes
 from sentinel_lightning.metrics import PerHeadMean
 

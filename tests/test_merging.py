@@ -8,12 +8,12 @@ from test_saving import load_without_package
 
 from sentinel_lightning.callbacks import HeadPruning, HeadReactivation, KeyValueMerging
 from sentinel_lightning.compaction import kv_cache_bytes_per_token
-from sentinel_lightning.families import FAMILIES
 from sentinel_lightning.gates import attach_gates
 from sentinel_lightning.merging import merge_groups, merge_mix, merged_layout
 from sentinel_lightning.module import GatedLanguageModel
-from sentinel_lightning.pruned_modeling import stock_describes
 from sentinel_lightning.saving import load_pruned, save_pruned
+from sentinel_lightning.standalone.families import FAMILIES
+from sentinel_lightning.standalone.pruned_modeling import stock_describes
 
 MERGING = [name for name, entry in FAMILIES.items() if entry.merges_key_values]
 

@@ -7,7 +7,7 @@ from conftest import tiny_data, tiny_model, tiny_trainer
 from torch.utils.data import DataLoader
 
 from sentinel_lightning import GatedLanguageModel
-from sentinel_lightning.metrics import causal_lm_token_losses
+from sentinel_lightning.losses import causal_lm_token_losses
 
 
 def test_training_lowers_the_loss():

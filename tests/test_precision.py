@@ -6,10 +6,10 @@ import torch
 from conftest import tiny_data, tiny_model, tiny_trainer
 
 from sentinel_lightning import GatedLanguageModel, HeadMetrics, HeadPruning
-from sentinel_lightning.attention_entropy import EntropyRecording
-from sentinel_lightning.families import output_projections
 from sentinel_lightning.gates import attach_gates
-from sentinel_lightning.head_outputs import HeadOutputRecording
+from sentinel_lightning.measure.attention_entropy import EntropyRecording
+from sentinel_lightning.measure.head_outputs import HeadOutputRecording
+from sentinel_lightning.standalone.families import output_projections
 
 
 def test_recordings_sum_in_fp32_under_bf16_autocast(tokens):

@@ -9,7 +9,7 @@ import torch
 from conftest import FAMILIES, ScriptedPerplexity, tiny_data, tiny_model, tiny_trainer
 
 from sentinel_lightning import GatedLanguageModel, HeadMetrics, HeadPruning, HeadReactivation, find_gates
-from sentinel_lightning.families import family_of
+from sentinel_lightning.standalone.families import family_of
 from sentinel_lightning.strategies import uniform_shape
 
 

@@ -7,7 +7,8 @@ import torch
 
 from sentinel_lightning import GatedLanguageModel, LanguageModelingDataModule
 from sentinel_lightning.gates import detach_gates
-from sentinel_lightning.metrics import Perplexity, causal_lm_nll
+from sentinel_lightning.losses import causal_lm_nll
+from sentinel_lightning.metrics import Perplexity
 from sentinel_lightning.pretrained import embedded_model_folder
 
 pytestmark = pytest.mark.slow

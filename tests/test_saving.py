@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 from transformers.utils.quantization_config import GgufConfig
 
 from sentinel_lightning.compaction import compact, count_parameters
-from sentinel_lightning.families import attention_modules
 from sentinel_lightning.gates import attach_gates, find_gates
-from sentinel_lightning.pruned_modeling import has_query_slots, key_value_indices
 from sentinel_lightning.saving import MODELING_MODULE, load_pruned, save_pruned
+from sentinel_lightning.standalone.families import attention_modules
+from sentinel_lightning.standalone.pruned_modeling import has_query_slots, key_value_indices
 
 CODE_FILES = ("families.py", "pruned_modeling.py", f"{MODELING_MODULE}.py")
 

@@ -12,8 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, TensorDataset
 
 from sentinel_lightning import GateMonitor, HeadMetrics, HeadPruning, find_gates
-from sentinel_lightning.attention_entropy import attention_entropy
 from sentinel_lightning.events import ModuleHeadEventListener, PruningAwareModule
+from sentinel_lightning.measure.attention_entropy import attention_entropy
 
 
 class TupleBatchModule(L.LightningModule):

@@ -10,11 +10,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from sentinel_lightning.attention_entropy import EntropyRecording
 from sentinel_lightning.events import HeadEvent, HeadEventListener
 from sentinel_lightning.gates import HeadGates, find_causal_lm, find_or_attach_gates
-from sentinel_lightning.head_outputs import ExampleImportance, HeadOutputRecording
-from sentinel_lightning.metrics import HeadStatistics
+from sentinel_lightning.measure.attention_entropy import EntropyRecording
+from sentinel_lightning.measure.head_outputs import ExampleImportance, HeadOutputRecording
+from sentinel_lightning.measure.statistics import HeadStatistics
 
 
 class HeadMetrics(HeadEventListener):

@@ -6,9 +6,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from sentinel_lightning.families import family_of
 from sentinel_lightning.gates import HeadGates, find_causal_lm, find_or_attach_gates
 from sentinel_lightning.merging import merge_groups, merge_mix
+from sentinel_lightning.standalone.families import family_of
 
 
 class KeyValueMerging(L.Callback):

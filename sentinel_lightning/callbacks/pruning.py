@@ -16,10 +16,10 @@ from sentinel_lightning.callbacks.divergence import divergence_error
 from sentinel_lightning.callbacks.head_metrics import HeadMetrics
 from sentinel_lightning.checks import nonfinite_parameters
 from sentinel_lightning.events import HeadEvent, PruningAwareModule, find_callback, notify_head_event
-from sentinel_lightning.families import family_of
 from sentinel_lightning.gates import HeadGates, find_causal_lm, find_or_attach_gates
-from sentinel_lightning.metrics import HeadStatistics
+from sentinel_lightning.measure.statistics import HeadStatistics
 from sentinel_lightning.reconstruction import linear_compensation
+from sentinel_lightning.standalone.families import family_of
 from sentinel_lightning.strategies import (
     Strategy,
     needs_head_metrics,

@@ -16,8 +16,8 @@ from sentinel_lightning.compaction import (
     kv_cache_bytes_per_token,
     weight_bytes,
 )
-from sentinel_lightning.pruned_modeling import stock_describes
 from sentinel_lightning.saving import check_output_directory, save_pruned
+from sentinel_lightning.standalone.pruned_modeling import stock_describes
 
 BOUND_CONTEXT = 4096  # the context at which export states the bytes bound on decoding speed
 

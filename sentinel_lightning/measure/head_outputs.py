@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from sentinel_lightning.families import output_projections
 from sentinel_lightning.gates import HeadGates, find_gates
+from sentinel_lightning.standalone.families import output_projections
 
 
 @dataclass(frozen=True)

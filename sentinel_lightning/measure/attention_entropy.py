@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from sentinel_lightning.families import attention_modules, head_shape
+from sentinel_lightning.standalone.families import attention_modules, head_shape
 
 ENTROPY_ATTENTION = "sentinel_entropy"
 RECORDER_ATTRIBUTE = "_sentinel_entropy_recording"  # set on each attention module while a recording is open
