@@ -24,6 +24,21 @@ from transformers import PreTrainedTokenizerBase
 from sentinel_lightning.pretrained import load_tokenizer
 
 EMBEDDED_CORPUS = "python_reference"
+# The second embedded text: API documentation, where the Language Reference is grammar and semantics. Recipes are
+# tuned on the first; the second tells whether what they keep holds on text they were not tuned on.
+DOCSTRINGS_CORPUS = "python_docstrings"
+# Standard-library modules written in Python (their docstrings are the source's own), importable everywhere.
+DOCSTRING_MODULES = (
+    "argparse", "ast", "base64", "bisect", "calendar", "cmd", "code", "collections", "colorsys", "configparser",
+    "contextlib", "copy", "csv", "dataclasses", "decimal", "difflib", "dis", "email.message", "enum", "filecmp",
+    "fileinput", "fnmatch", "fractions", "ftplib", "functools", "getopt", "gettext", "glob", "gzip", "heapq", "hmac",
+    "html.parser", "http.client", "http.server", "imaplib", "inspect", "ipaddress", "json", "locale", "logging",
+    "mailbox", "mimetypes", "netrc", "numbers", "operator", "optparse", "pathlib", "pickle", "pkgutil", "platform",
+    "poplib", "pprint", "queue", "quopri", "random", "reprlib", "sched", "secrets", "selectors", "shlex", "shutil",
+    "smtplib", "socketserver", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading",
+    "timeit", "tokenize", "trace", "traceback", "types", "typing", "unittest.case", "urllib.parse", "urllib.request",
+    "uuid", "warnings", "wave", "weakref", "webbrowser", "zipfile",
+)
 
 
 def python_reference_corpus(val_fraction: float = 0.1) -> datasets.DatasetDict:
@@ -34,16 +49,63 @@ def python_reference_corpus(val_fraction: float = 0.1) -> datasets.DatasetDict:
     """
     from pydoc_data.topics import topics
 
-    def in_validation(name: str) -> bool:
-        digest = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
-        return digest / 0xFFFFFFFF < val_fraction
+    return _split_documents(dict(topics), val_fraction)
 
+
+def _in_validation(name: str, val_fraction: float) -> bool:
+    """Whether the document ``name`` is held out: a stable hash of the name, the same on every machine."""
+    digest = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+    return digest / 0xFFFFFFFF < val_fraction
+
+
+def _split_documents(documents: dict[str, str], val_fraction: float) -> datasets.DatasetDict:
+    """``{name: text}`` as splits ``train`` and ``validation`` (columns ``title``, ``text``) by ``_in_validation``."""
     splits = {"train": {"title": [], "text": []}, "validation": {"title": [], "text": []}}
-    for name in sorted(topics):
-        split = splits["validation" if in_validation(name) else "train"]
+    for name in sorted(documents):
+        split = splits["validation" if _in_validation(name, val_fraction) else "train"]
         split["title"].append(name)
-        split["text"].append(topics[name])
+        split["text"].append(documents[name])
     return datasets.DatasetDict({key: datasets.Dataset.from_dict(value) for key, value in splits.items()})
+
+
+def module_docstrings(module_name: str) -> str:
+    """The docstrings of a module, its public classes and functions and the classes' public methods, in source
+    order, each headed by the object's qualified name; objects imported from elsewhere are left out."""
+    import importlib
+    import inspect
+
+    module = importlib.import_module(module_name)
+    parts = [f"{module_name}\n\n{inspect.getdoc(module) or ''}".rstrip()]
+
+    def own(obj) -> bool:
+        return getattr(obj, "__module__", None) == module_name and (inspect.isclass(obj) or inspect.isfunction(obj))
+
+    members = [obj for name, obj in vars(module).items() if not name.startswith("_") and own(obj)]
+    for obj in members:
+        children = [obj]
+        if inspect.isclass(obj):
+            children += [value for name, value in vars(obj).items() if not name.startswith("_")
+                         and inspect.isfunction(value) and value.__doc__]
+        for child in children:
+            doc = inspect.getdoc(child)
+            if doc:
+                parts.append(f"{module_name}.{child.__qualname__}\n\n{doc}")
+    return "\n\n".join(parts)
+
+
+def python_docstrings_corpus(val_fraction: float = 0.1) -> datasets.DatasetDict:
+    """The docstrings of ``DOCSTRING_MODULES`` (``module_docstrings``), one document per module, split by module
+    name as ``python_reference_corpus`` splits topics. A module missing from this Python is left out."""
+    documents = {}
+    for name in DOCSTRING_MODULES:
+        try:
+            documents[name] = module_docstrings(name)
+        except ImportError:  # a module this build of CPython leaves out (no _ssl, no _curses, ...)
+            continue
+    return _split_documents(documents, val_fraction)
+
+
+EMBEDDED_SOURCES = {EMBEDDED_CORPUS: python_reference_corpus, DOCSTRINGS_CORPUS: python_docstrings_corpus}
 
 
 def check_text_file(path: str, argument: str) -> None:
@@ -109,8 +171,9 @@ class LanguageModelingDataModule(L.LightningDataModule):
         tokenizer: Model name or local path of the tokenizer, a tokenizer object, or None for the embedded
             default model's tokenizer.
         gguf_file: GGUF file inside ``tokenizer``'s folder, if the tokenizer comes from one.
-        source: ``"python_reference"`` (the embedded corpus), ``"text"`` (``train_files``/``val_files``) or
-            ``"hub"`` (``dataset_name``/``dataset_config``).
+        source: ``"python_reference"`` (the embedded corpus), ``"python_docstrings"`` (the standard library's
+            docstrings, the second embedded text), ``"text"`` (``train_files``/``val_files``) or ``"hub"``
+            (``dataset_name``/``dataset_config``).
         train_files: Local text files for training (``source="text"``).
         val_files: Local text files for validation; when empty, ``val_fraction`` of the training paragraphs.
         dataset_name: Hub dataset name (``source="hub"``).
@@ -144,7 +207,7 @@ class LanguageModelingDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        sources = (EMBEDDED_CORPUS, "text", "hub")
+        sources = (*EMBEDDED_SOURCES, "text", "hub")
         if source not in sources:
             raise ValueError(f"source={source!r} is not one of {sources}.")
         if source == "text" and not train_files:
@@ -179,8 +242,8 @@ class LanguageModelingDataModule(L.LightningDataModule):
     def documents(self) -> datasets.DatasetDict:
         """The source's documents, column ``text``, splits ``train`` and ``validation``."""
         hp = self.hparams
-        if hp.source == EMBEDDED_CORPUS:
-            return python_reference_corpus(hp.val_fraction)
+        if hp.source in EMBEDDED_SOURCES:
+            return EMBEDDED_SOURCES[hp.source](hp.val_fraction)
         if hp.source == "text":
             requested = {"train": hp.train_files, "validation": hp.val_files or []}
             files = {split: [path for path in paths if os.path.getsize(path) > 0] for split, paths in requested.items()}
@@ -238,7 +301,7 @@ class LanguageModelingDataModule(L.LightningDataModule):
             "block_size": self.hparams.block_size,
             "version": 1,
         }
-        if self.hparams.source == EMBEDDED_CORPUS:  # in-memory datasets: hash the text itself
+        if self.hparams.source in EMBEDDED_SOURCES:  # in-memory datasets: hash the text itself
             texts = [text for split in ("train", "validation") for text in documents[split]["text"]]
             key["documents"] = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

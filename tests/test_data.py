@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from sentinel_lightning.data import LanguageModelingDataModule, pack_into_blocks, python_reference_corpus
+from sentinel_lightning.data import (
+    DOCSTRING_MODULES,
+    LanguageModelingDataModule,
+    module_docstrings,
+    pack_into_blocks,
+    python_docstrings_corpus,
+    python_reference_corpus,
+)
 
 
 def test_embedded_corpus_is_split_by_topic_deterministically():
@@ -13,6 +20,32 @@ def test_embedded_corpus_is_split_by_topic_deterministically():
     assert train | validation == set(topics)
     assert list(first["validation"]["title"]) == list(second["validation"]["title"])
     assert 0.03 < len(validation) / len(topics) < 0.25
+
+
+def test_module_docstrings_hold_the_modules_own_objects_only():
+    import textwrap
+
+    text = module_docstrings("textwrap")
+    assert text.startswith("textwrap\n\nText wrapping and filling.")
+    assert f"textwrap.TextWrapper.wrap\n\n{textwrap.TextWrapper.wrap.__doc__.strip().splitlines()[0]}" in text
+    assert "textwrap.dedent" in text
+    assert "re.compile" not in text and "textwrap.re" not in text  # textwrap imports re: not its own
+    assert "textwrap._" not in text  # private names left out
+
+
+def test_docstrings_corpus_is_a_second_text_split_by_module(tokenizer):
+    first, second = python_docstrings_corpus(), python_docstrings_corpus()
+    train, validation = set(first["train"]["title"]), set(first["validation"]["title"])
+    assert train and validation and not train & validation and train | validation <= set(DOCSTRING_MODULES)
+    assert list(first["validation"]["text"]) == list(second["validation"]["text"])
+    reference = "".join(python_reference_corpus()["train"]["text"])
+    assert not any(text in reference for text in first["validation"]["text"])  # a text of its own
+    data = LanguageModelingDataModule(tokenizer=tokenizer, source="python_docstrings", block_size=1024, cache=False)
+    data.setup("validate")
+    held_out = tokenizer.decode(data.blocks["validation"][0]["input_ids"])
+    assert held_out in "".join(first["validation"]["text"])
+    # 32 blocks of 1,024 bytes: 32 blocks of 256 tokens (the frontier's 8 batches) at up to 4 bytes per token
+    assert len(data.blocks["validation"]) >= 32
 
 
 def test_pack_into_blocks_joins_with_separator_and_drops_the_remainder():

@@ -1,0 +1,36 @@
+import json
+
+from scripts_loader import load_script
+
+frontier = load_script("frontier")
+
+
+def test_frontier_measures_each_recipe_once_and_writes_table_and_plot(tmp_path):
+    output = tmp_path / "frontier"
+    recipes = ["dense", "default", "head global"]
+    results = frontier.main(["--quick", "--recipes", *recipes, "--output-dir", str(output)])
+    runs = results["runs"]
+    assert list(runs) == recipes
+    dense, default, head = (runs[name] for name in recipes)
+    assert dense["pruned_fraction"] == 0 and dense["kv_cache_ratio"] == 1 and dense["plain_transformers_loads"]
+    # The job's recipe: one group in three pruned in every layer, a stock config.
+    assert abs(default["pruned_fraction"] - 1 / 3) < 1e-6 and abs(default["kv_cache_ratio"] - 2 / 3) < 1e-6
+    assert default["parameters_ratio"] < 1 and default["decode_bound"] > 1 and default["plain_transformers_loads"]
+    for name, run in runs.items():  # plain transformers opens exactly the folders whose config is a stock one
+        config = json.loads((frontier.run_folder(output, name) / "export" / "config.json").read_text())
+        assert run["plain_transformers_loads"] == (not config["model_type"].startswith("sentinel_")), name
+        assert run["held_out_ppl"] > 1 and run["val_ppl"] > 1
+    assert head["kv_cache_ratio"] >= default["kv_cache_ratio"]  # single heads empty fewer groups
+    table = (output / "frontier.md").read_text()
+    assert "| default **(shipped)** | group | uniform |" in table and " (1.000x) |" in table
+    assert (output / "frontier.png").stat().st_size > 10_000
+
+    # A rerun measures only what the folder lacks: here one timed recipe; the others are read back unchanged.
+    stamps = {name: (frontier.run_folder(output, name) / "result.json").stat().st_mtime for name in recipes}
+    again = frontier.main(["--quick", "--recipes", "default", "group global", "--time", "--output-dir", str(output)])
+    assert list(again["runs"]) == ["dense", "default", "group global", "head global"]
+    assert {name: (frontier.run_folder(output, name) / "result.json").stat().st_mtime for name in recipes} == stamps
+    assert "decode_speedup" not in again["runs"]["default"]  # measured before, without --time
+    timed = again["runs"]["group global"]
+    assert timed["decode_speedup"] > 0 and timed["speed_context"] == 64
+    assert "group global" in (output / "frontier.md").read_text()
