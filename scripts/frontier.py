@@ -135,7 +135,7 @@ def opens_in_plain_transformers(folder: str, model: torch.nn.Module, block: torc
     inputs, logits = work / "plain_load_input.pt", work / "plain_load_logits.pt"
     torch.save(block, inputs)
     loaded = subprocess.run([sys.executable, "-c", PLAIN_LOAD, folder, str(inputs), str(logits)], capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": ""})
+                            text=True)
     if loaded.returncode != 0:
         return False
     with torch.no_grad():
