@@ -62,10 +62,10 @@ from transformers.pytorch_utils import Conv1D
 
 from sentinel_lightning.compaction import compact, count_parameters, kv_cache_bytes_per_token, weight_bytes
 from sentinel_lightning.evaluation import perplexity
-from sentinel_lightning.families import family_of, head_shape
 from sentinel_lightning.gates import HeadGates, attach_gates
-from sentinel_lightning.metrics import measure_head_metrics
-from sentinel_lightning.pruned_modeling import equal_groups, key_value_indices, stock_describes
+from sentinel_lightning.measure.statistics import measure_head_metrics
+from sentinel_lightning.standalone.families import family_of, head_shape
+from sentinel_lightning.standalone.pruned_modeling import equal_groups, key_value_indices, stock_describes
 from sentinel_lightning.strategies import UNITS, prunable_per_layer, reachable_count, resolve_strategy, select_heads
 from sentinel_lightning.tiny import tiny_model
 

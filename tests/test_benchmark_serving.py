@@ -1,22 +1,17 @@
 """The serving benchmark end to end on a tiny model (``--quick``): llama.cpp at F32 and Q8_0, and vLLM."""
 
-import importlib.util
 import json
 import os
 
 import pytest
-
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "benchmark_serving.py")
+from scripts_loader import load_script
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
 
 
 @pytest.fixture(scope="module")
 def serving_script():
-    spec = importlib.util.spec_from_file_location("benchmark_serving", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_serving")
 
 
 def test_quick_run_reports_llama_cpp_and_vllm_plain_against_pruned(serving_script, tmp_path):

