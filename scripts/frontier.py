@@ -20,7 +20,7 @@ against the dense fine-tune of its budget, blank while that is not measured) and
 against cache ratio and against decoding speed-up, the shipped default starred, the issue's aims drawn).
 
     python scripts/frontier.py                                  # every recipe on the embedded default
-    python scripts/frontier.py --recipes dense default distilled --time
+    python scripts/frontier.py --recipes dense default "dense 4 epochs" "group uniform 4 epochs" --time
     python scripts/frontier.py --quick                          # a tiny model, for the tests
 """
 
@@ -72,24 +72,29 @@ class Recipe:
 
 
 TWO_STEPS = "--pruning.schedule={0: 0.15, 1: 0.3}"
-SEVEN_EPOCHS = ("--trainer.max_epochs=7",)
+FOUR_EPOCHS = ("--trainer.max_epochs=4",)  # the job's budget until 2026-12-02
+DISTILLED = ("--model.distillation=0.5", "--model.distillation_teacher=before_pruning")
 # LoRA on every linear layer but the head, at LoRA's usual learning rate (only the adapters and the gates train).
 LORA = ('--model.lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}', "--model.learning_rate=0.001")
-DISTILLED = ("--model.distillation=0.5", "--model.distillation_teacher=before_pruning")
+DENSE = ("--pruning.schedule={}",)
 RECIPES = {
-    "dense": Recipe("none", "", "fine-tune only", ("--pruning.schedule={}",)),
-    "default": Recipe("group", "uniform", "the job: 1/3 after epoch 0, linear compensation"),
+    "dense": Recipe("none", "", "fine-tune only", DENSE),
+    "default": Recipe("group", "uniform", "the job: 1/3 after epoch 0, linear compensation, 7 epochs"),
     "distilled": Recipe("group", "uniform", "the job + distillation from the model before pruning", DISTILLED),
-    "dense 7 epochs": Recipe("none", "", "fine-tune only", ("--pruning.schedule={}",), SEVEN_EPOCHS, " 7 epochs"),
-    "default 7 epochs": Recipe("group", "uniform", "the job, 7 epochs", (), SEVEN_EPOCHS, " 7 epochs"),
-    "group global": Recipe("group", "global", "15% then 30%, linear compensation",
-                           ("--pruning.scope=global", TWO_STEPS)),
-    "head global": Recipe("head", "global", "15% then 30%, linear compensation (the previous default)",
-                          ("--pruning.unit=head", "--pruning.scope=global", TWO_STEPS)),
-    "merged 8q/2kv": Recipe("head+merge", "layer", "1 head in 9 per layer, key/value heads merged to 2 per layer",
-                            ("--pruning.unit=head", "--pruning.scope=layer", "--pruning.schedule={0: 0.1111}",
-                             "--merging.num_key_value_heads=2", "--merging.epoch=1")),
-    "dense LoRA": Recipe("none", "", "LoRA fine-tune only", ("--pruning.schedule={}",), LORA, " LoRA"),
+    "dense 4 epochs": Recipe("none", "", "fine-tune only", DENSE, FOUR_EPOCHS, " 4 epochs"),
+    "group uniform 4 epochs": Recipe("group", "uniform", "the job's recipe, 4 epochs", (), FOUR_EPOCHS, " 4 epochs"),
+    "distilled 4 epochs": Recipe("group", "uniform", "the same + distillation from the model before pruning",
+                                 DISTILLED, FOUR_EPOCHS, " 4 epochs"),
+    "group global 4 epochs": Recipe("group", "global", "15% then 30%, linear compensation",
+                                    ("--pruning.scope=global", TWO_STEPS), FOUR_EPOCHS, " 4 epochs"),
+    "head global 4 epochs": Recipe("head", "global", "15% then 30%, linear compensation (the default until 2026-12-01)",
+                                   ("--pruning.unit=head", "--pruning.scope=global", TWO_STEPS), FOUR_EPOCHS,
+                                   " 4 epochs"),
+    "merged 8q/2kv 4 epochs": Recipe(
+        "head+merge", "layer", "1 head in 9 per layer, key/value heads merged to 2 per layer",
+        ("--pruning.unit=head", "--pruning.scope=layer", "--pruning.schedule={0: 0.1111}",
+         "--merging.num_key_value_heads=2", "--merging.epoch=1"), FOUR_EPOCHS, " 4 epochs"),
+    "dense LoRA": Recipe("none", "", "LoRA fine-tune only", DENSE, LORA, " LoRA"),
     "default LoRA": Recipe("group", "uniform", "the job as a LoRA fine-tune (r=16, all linear layers)", (), LORA,
                            " LoRA"),
 }

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from sentinel_lightning.cli.fit import run_fit
+from sentinel_lightning.cli.fit import TRAINER_DEFAULTS, run_fit
 from sentinel_lightning.tiny import save_tiny_model
 
 
@@ -145,8 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
     reused = (
         {} if args.reuse_dense is None else {"dense": json.loads(Path(args.reuse_dense).read_text())["runs"]["dense"]}
     )
-    if not 1 <= args.steps < 4:
-        parser.error(f"--steps={args.steps} must lie in [1, 3]: the job trains 4 epochs and prunes at epoch ends.")
+    epochs = TRAINER_DEFAULTS["max_epochs"]
+    if not 1 <= args.steps < epochs:
+        parser.error(f"--steps={args.steps} must lie in [1, {epochs - 1}]: the job trains {epochs} epochs and prunes "
+                     "at epoch ends.")
     planned = runs(args.targets, args.variants, dense=not reused, steps=args.steps, lora=args.lora)
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",

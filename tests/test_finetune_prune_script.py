@@ -31,7 +31,8 @@ def test_script_runs_the_cli_job_with_its_defaults(capsys):
         main(["fit", *script.fit_arguments([]), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert {key: printed["trainer"][key] for key in TRAINER_DEFAULTS} == TRAINER_DEFAULTS
-    assert printed["trainer"]["limit_train_batches"] == 6 and printed["trainer"]["max_epochs"] == 4
+    assert printed["trainer"]["limit_train_batches"] == 6 and printed["trainer"]["max_epochs"] == TRAINER_DEFAULTS[
+        "max_epochs"]
     assert_job_defaults(printed)
 
 

@@ -7,7 +7,7 @@ frontier = load_script("frontier")
 
 def test_frontier_measures_each_recipe_once_and_writes_table_and_plot(tmp_path):
     output = tmp_path / "frontier"
-    recipes = ["dense", "default", "head global"]
+    recipes = ["dense", "default", "head global 4 epochs"]
     results = frontier.main(["--quick", "--recipes", *recipes, "--output-dir", str(output)])
     runs = results["runs"]
     assert list(runs) == recipes
@@ -27,10 +27,11 @@ def test_frontier_measures_each_recipe_once_and_writes_table_and_plot(tmp_path):
 
     # A rerun measures only what the folder lacks: here one timed recipe; the others are read back unchanged.
     stamps = {name: (frontier.run_folder(output, name) / "result.json").stat().st_mtime for name in recipes}
-    again = frontier.main(["--quick", "--recipes", "default", "group global", "--time", "--output-dir", str(output)])
-    assert list(again["runs"]) == ["dense", "default", "group global", "head global"]
+    timed_recipe = "group global 4 epochs"
+    again = frontier.main(["--quick", "--recipes", "default", timed_recipe, "--time", "--output-dir", str(output)])
+    assert list(again["runs"]) == ["dense", "default", timed_recipe, "head global 4 epochs"]
     assert {name: (frontier.run_folder(output, name) / "result.json").stat().st_mtime for name in recipes} == stamps
     assert "decode_speedup" not in again["runs"]["default"]  # measured before, without --time
-    timed = again["runs"]["group global"]
+    timed = again["runs"][timed_recipe]
     assert timed["decode_speedup"] > 0 and timed["speed_context"] == 64
-    assert "group global" in (output / "frontier.md").read_text()
+    assert timed_recipe in (output / "frontier.md").read_text()
