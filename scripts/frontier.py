@@ -11,7 +11,8 @@ the export measured as a user receives it:
 - the bytes bound on decoding after 4,096 tokens, and with ``--time`` the speed-up measured by
   ``scripts/benchmark_speed.py --model_dir`` (paired, interleaved rounds against the plain model);
 - whether plain ``AutoModelForCausalLM.from_pretrained`` (no ``trust_remote_code``, in a fresh process) opens the
-  folder and computes the same logits as ``load_pruned``.
+  folder and computes the same logits as ``load_pruned``;
+- the wall minutes of the fit (in the JSON only: on a shared machine they say little about the budget).
 
 Each recipe's measurements go to ``runs/<recipe>/result.json`` under ``--output-dir``; a rerun measures only the
 recipes that have none (so two commands with different ``--recipes`` can share one folder, one core each). Then
@@ -210,8 +211,8 @@ def markdown(results: dict) -> str:
         *(f"Machine ({name}): {run['machine']}.  " for name, run in results["runs"].items()),
         "",
         "| recipe | unit | scope | recovery | pruned | val ppl (/ dense) | held-out ppl (/ dense) | kv cache | "
-        f"parameters | decode @{CONTEXT} (bound) | plain transformers loads | fit minutes |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        f"parameters | decode @{CONTEXT} (bound) | plain transformers loads |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def ratio(value):
@@ -228,14 +229,15 @@ def markdown(results: dict) -> str:
             f"{run['val_ppl']:.3f}{ratio(relative[name]['val_ppl'])} | "
             f"{run['held_out_ppl']:.3f}{ratio(relative[name]['held_out_ppl'])} | {run['kv_cache_ratio']:.3f}x | "
             f"{run['parameters_ratio']:.3f}x | {speed} ({run['decode_bound']:.3f}) | "
-            f"{'yes' if run['plain_transformers_loads'] else 'no'} | {run['fit_minutes']:.1f} |"
+            f"{'yes' if run['plain_transformers_loads'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
-    """Perplexity ratio against cache ratio and against decoding speed-up (measured where timed, else the bound,
-    hollow), one marker per recipe, the shipped default starred, the aims of issue 15 drawn."""
+    """Perplexity ratio against cache ratio (validation; held-out text as triangles) and against decoding speed-up
+    (measured where timed, else the bound, hollow), one colour per unit, the shipped default starred, the aims of
+    issue 15 drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,6 +254,10 @@ def plot(results: dict, path: Path) -> None:
         colour = colours.setdefault(run["unit"], f"C{len(colours)}")  # one colour per unit
         style = {"marker": "*" if name == SHIPPED else "o", "s": 160 if name == SHIPPED else 50}
         by_cache.scatter(run["kv_cache_ratio"], ppl, color=colour, **style)
+        held_out = relative[name]["held_out_ppl"]
+        by_cache.scatter(run["kv_cache_ratio"], held_out, marker="^", facecolors="none", edgecolors=colour,
+                         label="held-out text" if not by_cache.get_legend_handles_labels()[1].count("held-out text")
+                         else None)
         by_cache.annotate(name, (run["kv_cache_ratio"], ppl), textcoords="offset points", xytext=(5, 4), fontsize=8)
         speed = run["decode_speedup"] if timed else run["decode_bound"]
         by_speed.scatter(speed, ppl, facecolors=colour if timed else "none", edgecolors=colour, **style)
@@ -260,7 +266,7 @@ def plot(results: dict, path: Path) -> None:
     by_cache.axvline(0.67, color="green", linestyle="--", label="aim: cache 0.67x")
     by_speed.axhline(1.10, color="green", linestyle=":")
     by_speed.axvline(1.2, color="green", linestyle="--", label="aim: 1.2x decoding")
-    by_cache.set(xlabel="key/value cache / plain model", ylabel="validation perplexity / dense fine-tune")
+    by_cache.set(xlabel="key/value cache / plain model", ylabel="perplexity / dense fine-tune of the same budget")
     by_speed.set(xlabel=f"decode speed-up after {CONTEXT} tokens (filled: measured; hollow: bytes bound)")
     by_cache.legend(fontsize=8)
     by_speed.legend(fontsize=8)
