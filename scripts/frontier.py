@@ -15,7 +15,8 @@ the export measured as a user receives it:
 - the wall minutes of the fit (in the JSON only: on a shared machine they say little about the budget).
 
 Each recipe's measurements go to ``runs/<recipe>/result.json`` under ``--output-dir``; a rerun measures only the
-recipes that have none (so two commands with different ``--recipes`` can share one folder, one core each). Then
+recipes that have none (so two commands with different ``--recipes`` can share one folder, one core each), and
+with ``--time`` times the saved export of a recipe measured without it (no new fit). Then
 every recipe measured in the folder goes into ``frontier.json``, ``frontier.md`` (the table, each pruned recipe
 against the dense fine-tune of its budget, blank while that is not measured) and ``frontier.png`` (perplexity ratio
 against cache ratio and against decoding speed-up, the shipped default starred, the issue's aims drawn).
@@ -172,7 +173,7 @@ def measure(name: str, recipe: Recipe, common: list[str], folder: Path, model: s
     minutes = (time.perf_counter() - start) / 60
     summary = export_checkpoint(report["checkpoint"], str(folder / "export"), overwrite=True)
     exported = load_pruned(str(folder / "export"), dtype=torch.float32).eval()
-    tokenizer = load_tokenizer(model) if model else load_tokenizer(None)
+    tokenizer = load_tokenizer(model)  # None: the embedded default's
     held_out = held_out_batches(tokenizer, args.block_size, cache=not args.quick)
     result = {
         "unit": recipe.unit, "scope": recipe.scope, "recovery": recipe.recovery,
@@ -298,10 +299,14 @@ def main(argv: list[str] | None = None) -> dict:
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
                f"{torch.__version__}; load average {os.getloadavg()[0]:.1f} at the start")
     for name in args.recipes:  # one result.json per recipe: reruns skip it, parallel runs of other recipes can share
-        result_file = run_folder(output, name) / "result.json"
+        folder = run_folder(output, name)
+        result_file = folder / "result.json"
         if not result_file.is_file():
-            result = measure(name, RECIPES[name], common, run_folder(output, name), model, args)
+            result = measure(name, RECIPES[name], common, folder, model, args)
             result_file.write_text(json.dumps({**result, "command": command, "machine": machine}, indent=2))
+        elif args.time and "decode_speedup" not in (result := json.loads(result_file.read_text())):
+            result |= {**measured_speed(str(folder / "export"), model, folder, args.quick), "speed_command": command}
+            result_file.write_text(json.dumps(result, indent=2))  # the export measured before, now timed too
     results = {"runs": {}}
     for name in RECIPES:  # every recipe measured so far in this folder, by this or an earlier command
         result_file = run_folder(output, name) / "result.json"

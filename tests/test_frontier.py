@@ -25,13 +25,20 @@ def test_frontier_measures_each_recipe_once_and_writes_table_and_plot(tmp_path):
     assert "| default **(shipped)** | group | uniform |" in table and " (1.000x) |" in table
     assert (output / "frontier.png").stat().st_size > 10_000
 
-    # A rerun measures only what the folder lacks: here one timed recipe; the others are read back unchanged.
-    stamps = {name: (frontier.run_folder(output, name) / "result.json").stat().st_mtime for name in recipes}
+    # A rerun measures only what the folder lacks: a new recipe, timed, and the timing of a measured one (its saved
+    # export, no new fit); the others are read back unchanged.
+    def stamps(names, file):
+        return {name: (frontier.run_folder(output, name) / file).stat().st_mtime for name in names}
+
+    fits = stamps(recipes, "export/config.json")
+    others = ["dense", "head global 4 epochs"]
+    untouched = stamps(others, "result.json")
     timed_recipe = "group global 4 epochs"
     again = frontier.main(["--quick", "--recipes", "default", timed_recipe, "--time", "--output-dir", str(output)])
     assert list(again["runs"]) == ["dense", "default", timed_recipe, "head global 4 epochs"]
-    assert {name: (frontier.run_folder(output, name) / "result.json").stat().st_mtime for name in recipes} == stamps
-    assert "decode_speedup" not in again["runs"]["default"]  # measured before, without --time
+    assert stamps(recipes, "export/config.json") == fits and stamps(others, "result.json") == untouched
+    assert again["runs"]["default"]["val_ppl"] == default["val_ppl"] and again["runs"]["default"]["decode_speedup"] > 0
+    assert "decode_speedup" not in again["runs"]["dense"]
     timed = again["runs"][timed_recipe]
     assert timed["decode_speedup"] > 0 and timed["speed_context"] == 64
     assert timed_recipe in (output / "frontier.md").read_text()
