@@ -43,10 +43,10 @@ import torch
 
 from sentinel_lightning.cli.export import export_checkpoint
 from sentinel_lightning.cli.fit import run_fit
-from sentinel_lightning.compaction import count_parameters, kv_cache_bytes_per_token
+from sentinel_lightning.compaction import bytes_per_decoded_token, count_parameters, kv_cache_bytes_per_token
 from sentinel_lightning.data import DOCSTRINGS_CORPUS, LanguageModelingDataModule
 from sentinel_lightning.evaluation import perplexity
-from sentinel_lightning.pretrained import load_tokenizer
+from sentinel_lightning.pretrained import load_causal_lm, load_tokenizer
 from sentinel_lightning.saving import load_pruned
 
 CONTEXT = 4096  # the context after which decoding is measured and bounded
@@ -171,8 +171,9 @@ def measure(name: str, recipe: Recipe, common: list[str], folder: Path, model: s
     start = time.perf_counter()
     report = run_fit([*common, f"--trainer.default_root_dir={folder}", *recipe.budget, *recipe.options])
     minutes = (time.perf_counter() - start) / 60
-    summary = export_checkpoint(report["checkpoint"], str(folder / "export"), overwrite=True)
+    export_checkpoint(report["checkpoint"], str(folder / "export"), overwrite=True)
     exported = load_pruned(str(folder / "export"), dtype=torch.float32).eval()
+    plain = load_causal_lm(model).to(torch.float32)
     tokenizer = load_tokenizer(model)  # None: the embedded default's
     held_out = held_out_batches(tokenizer, args.block_size, cache=not args.quick)
     result = {
@@ -180,17 +181,18 @@ def measure(name: str, recipe: Recipe, common: list[str], folder: Path, model: s
         "options": [*recipe.budget, *recipe.options], "dense": recipe.dense_name,
         "pruned_fraction": report["pruned_fraction"], "val_ppl": report["val_ppl_after"],
         "held_out_ppl": perplexity(exported, held_out),
-        "kv_cache_ratio": summary["kv_cache_bytes_per_token_after"] / summary["kv_cache_bytes_per_token_before"],
-        "parameters_ratio": summary["parameters_after"] / summary["parameters_before"],
+        # Against the plain model, not the checkpoint's model: a LoRA checkpoint also counts its adapters.
+        "kv_cache_ratio": kv_cache_bytes_per_token(exported) / kv_cache_bytes_per_token(plain),
+        "parameters_ratio": count_parameters(exported) / count_parameters(plain),
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(exported), "parameters": count_parameters(exported),
-        "decode_bound": summary[f"decode_bound_{CONTEXT}"],
+        "decode_bound": bytes_per_decoded_token(plain, CONTEXT) / bytes_per_decoded_token(exported, CONTEXT),
         "plain_transformers_loads": opens_in_plain_transformers(
             str(folder / "export"), exported, held_out[0]["input_ids"][:1], folder),
         "fit_minutes": minutes,
     }
     if args.time:
         result |= measured_speed(str(folder / "export"), model, folder, args.quick)
-    del exported
+    del exported, plain
     gc.collect()
     return result
 
