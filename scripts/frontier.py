@@ -176,15 +176,16 @@ def measure(name: str, recipe: Recipe, common: list[str], folder: Path, model: s
     plain = load_causal_lm(model).to(torch.float32)
     tokenizer = load_tokenizer(model)  # None: the embedded default's
     held_out = held_out_batches(tokenizer, args.block_size, cache=not args.quick)
+    cache_bytes, parameters = kv_cache_bytes_per_token(exported), count_parameters(exported)
     result = {
         "unit": recipe.unit, "scope": recipe.scope, "recovery": recipe.recovery,
         "options": [*recipe.budget, *recipe.options], "dense": recipe.dense_name,
         "pruned_fraction": report["pruned_fraction"], "val_ppl": report["val_ppl_after"],
         "held_out_ppl": perplexity(exported, held_out),
         # Against the plain model, not the checkpoint's model: a LoRA checkpoint also counts its adapters.
-        "kv_cache_ratio": kv_cache_bytes_per_token(exported) / kv_cache_bytes_per_token(plain),
-        "parameters_ratio": count_parameters(exported) / count_parameters(plain),
-        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(exported), "parameters": count_parameters(exported),
+        "kv_cache_ratio": cache_bytes / kv_cache_bytes_per_token(plain),
+        "parameters_ratio": parameters / count_parameters(plain),
+        "kv_cache_bytes_per_token": cache_bytes, "parameters": parameters,
         "decode_bound": bytes_per_decoded_token(plain, CONTEXT) / bytes_per_decoded_token(exported, CONTEXT),
         "plain_transformers_loads": opens_in_plain_transformers(
             str(folder / "export"), exported, held_out[0]["input_ids"][:1], folder),
