@@ -182,7 +182,7 @@ def measure(name: str, recipe: Recipe, common: list[str], folder: Path, model: s
         "options": [*recipe.budget, *recipe.options], "dense": recipe.dense_name,
         "pruned_fraction": report["pruned_fraction"], "val_ppl": report["val_ppl_after"],
         "held_out_ppl": perplexity(exported, held_out),
-        # Against the plain model, not the checkpoint's model: a LoRA checkpoint also counts its adapters.
+        # Against the plain model the recipe started from.
         "kv_cache_ratio": cache_bytes / kv_cache_bytes_per_token(plain),
         "parameters_ratio": parameters / count_parameters(plain),
         "kv_cache_bytes_per_token": cache_bytes, "parameters": parameters,

@@ -58,19 +58,27 @@ from sentinel_lightning.standalone.pruned_modeling import (
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of distinct weights of a model (tied weights once, gates excluded)."""
+    """Number of distinct weights of a model as served (tied weights once; gates and LoRA adapters excluded)."""
     return sum(parameter.numel() for parameter in _weights(model))
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes taken by the distinct weights of a model (tied weights once, gates excluded)."""
+    """Bytes taken by the distinct weights of a model as served (tied weights once; gates and LoRA adapters
+    excluded)."""
     return sum(parameter.numel() * parameter.element_size() for parameter in _weights(model))
 
 
 def _weights(model: nn.Module) -> list[nn.Parameter]:
-    gates = [module for module in model.modules() if isinstance(module, HeadGates)]
-    gate_parameters = {id(parameter) for module in gates for parameter in module.parameters()}
-    return [parameter for parameter in model.parameters() if id(parameter) not in gate_parameters]
+    """The weights a served model holds: not the gates (folded by ``compact``), not a peft tuner layer's adapters
+    (merged into its base layer's weights by ``compact``, ``lora.merge_adapters``)."""
+    left_out = {id(parameter) for module in model.modules() if isinstance(module, HeadGates)
+                for parameter in module.parameters()}
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, nn.Module) and hasattr(module, "merge"):  # peft's BaseTunerLayer
+            kept = {id(parameter) for parameter in base.parameters()}
+            left_out |= {id(parameter) for parameter in module.parameters() if id(parameter) not in kept}
+    return [parameter for parameter in model.parameters() if id(parameter) not in left_out]
 
 
 def kv_cache_bytes_per_token(model: nn.Module) -> int:

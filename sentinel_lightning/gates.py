@@ -67,7 +67,7 @@ class HeadGates(nn.Module):
         self.register_buffer("importance_at_pruning", torch.full((num_layers, num_heads), float("nan")))
         self.register_buffer("protected_until", torch.full((num_layers, num_heads), -1, dtype=torch.long))
         self.register_buffer("compensation", torch.zeros(num_layers, num_heads, head_dim))
-        self.register_buffer("reconstruction", None)  # created by set_linear_compensation (or a loaded state)
+        self.register_buffer("reconstruction", None)  # created by enable_linear_compensation (or a loaded state)
         self.register_buffer("key_value_mix", None)  # created by set_key_value_mix (or a loaded state)
         # The handles of the hooks ``register_hooks`` put on the model: a plain list, not state; ``copy.deepcopy``
         # and pickling keep them pointing at the copy's hooks.
@@ -161,12 +161,18 @@ class HeadGates(nn.Module):
             matrix: ``[H * D, H * D]``: the layer's prediction (rows of active heads must be zero), stored as
                 ``reconstruction[layer]`` ``[H, D, H * D]``.
         """
-        if self.reconstruction is None:
-            size = self.num_heads * self.head_dim
-            self.reconstruction = self.compensation.new_zeros(self.num_layers, self.num_heads, self.head_dim, size)
+        self.enable_linear_compensation()
         pruned = ~self.active[layer]
         self.compensation[layer, pruned] = constants.to(self.compensation)[pruned.to(constants.device)]
         self.reconstruction[layer] = matrix.to(self.reconstruction).view(self.num_heads, self.head_dim, -1)
+
+    def enable_linear_compensation(self) -> None:
+        """Creates ``reconstruction`` ``[L, H, D, H * D]``, all zeros (no pruned head predicts anything yet), unless
+        it exists. ``HeadPruning(compensate="linear")`` calls it in ``setup``, so that the buffer exists before any
+        checkpoint is loaded: a sharded strategy's loader fills only the buffers the module already has."""
+        if self.reconstruction is None:
+            size = self.num_heads * self.head_dim
+            self.reconstruction = self.compensation.new_zeros(self.num_layers, self.num_heads, self.head_dim, size)
 
     @torch.no_grad()
     def set_key_value_mix(self, layer: int, mix: torch.Tensor, group_size: int) -> None:

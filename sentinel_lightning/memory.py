@@ -66,7 +66,7 @@ def head_state_bytes(
         - ``gates``: ``HeadGates``' values, masks and memories ``[L, H]`` and ``compensation`` ``[L, H, D]`` (fp32).
         - ``gate_gradient_and_optimizer``: the gates' gradient and, when learned, AdamW's two moments ``[L, H]``.
         - ``reconstruction``: ``HeadGates.reconstruction`` ``[L, H, D, H * D]`` fp32 (linear compensation, from the
-          first pruning event; in every checkpoint).
+          trainer's setup; in every checkpoint).
         - ``statistics``: ``HeadStatistics``' means ``[L, H]`` and ``output_mean`` ``[L, H, D]``, fp64 sums.
         - ``second_moment``: ``output_second_moment`` ``[L, H, D, H * D]``, an fp64 sum (linear compensation).
         - ``step_recording``: a training step's ``HeadOutputRecording`` sums (fp32: ``[L, H, D]`` sums, their

@@ -17,6 +17,7 @@ from sentinel_lightning.lora import add_lora
 from sentinel_lightning.losses import causal_lm_inputs, causal_lm_nll, causal_lm_token_kl, causal_lm_token_losses
 from sentinel_lightning.metrics import Perplexity
 from sentinel_lightning.pretrained import load_causal_lm
+from sentinel_lightning.sharding import clip_gradients, shard_gated_model
 
 TEACHERS = ("loaded", "before_pruning")
 
@@ -137,6 +138,7 @@ class GatedLanguageModel(L.LightningModule):
         self.gates: HeadGates = attach_gates(find_causal_lm(self.model))
         self.gates.values.requires_grad_(learn_gates)
         self.val_perplexity = Perplexity()
+        self._sharded = False  # configure_model, under ModelParallelStrategy
 
     @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -257,6 +259,23 @@ class GatedLanguageModel(L.LightningModule):
         self.val_perplexity.reset()
         self.log("val_ppl", perplexity, prog_bar=True)
         self.log("val_loss", perplexity.log())
+
+    @override
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``: FSDP2 shards the model,
+        the gates stay whole on every rank (``sharding.shard_gated_model``). Nothing under any other strategy."""
+        if self.device_mesh is not None and not self._sharded:
+            shard_gated_model(self.model, self.device_mesh)
+            self._sharded = True
+
+    @override
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        if self._sharded and gradient_clip_val:  # sharded and whole gradients together (sharding.clip_gradients)
+            clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     @override
     def configure_optimizers(self):

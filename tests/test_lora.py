@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from sentinel_lightning import GatedLanguageModel, HeadMetrics, HeadPruning, compact, find_gates
 from sentinel_lightning.cli import main
-from sentinel_lightning.compaction import count_parameters
+from sentinel_lightning.compaction import count_parameters, weight_bytes
 from sentinel_lightning.gates import attach_gates, find_causal_lm
 from sentinel_lightning.lora import gates_hooked
 from sentinel_lightning.tiny import save_tiny_model
@@ -58,6 +58,9 @@ def test_compact_merges_the_adapters_of_a_pruned_peft_model(tokens):
     assert max_difference(compacted, peft_model, tokens) <= 1e-5
     assert not any(isinstance(module, BaseTunerLayer) for module in compacted.modules())
     assert count_parameters(compacted) < count_parameters(tiny_model("llama"))
+    # Served merged, a LoRA model holds the base weights: its adapters are not counted.
+    assert count_parameters(peft_model) == count_parameters(tiny_model("llama"))
+    assert weight_bytes(peft_model) == weight_bytes(tiny_model("llama"))
     after = peft_model.state_dict()
     for name in before:  # the input is left as it was
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, equal_nan=True)

@@ -15,6 +15,7 @@ from sentinel_lightning.gates import HeadGates, find_causal_lm, find_or_attach_g
 from sentinel_lightning.measure.attention_entropy import EntropyRecording
 from sentinel_lightning.measure.head_outputs import ExampleImportance, HeadOutputRecording
 from sentinel_lightning.measure.statistics import HeadStatistics
+from sentinel_lightning.sharding import require_whole_gates
 
 
 class HeadMetrics(HeadEventListener):
@@ -219,6 +220,10 @@ class HeadMetrics(HeadEventListener):
         if scaler is not None and hasattr(scaler, "get_scale"):
             importance = importance.divided(scaler.get_scale())
         self.statistics.update_example_importance(importance)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        require_whole_gates(trainer, self._gates, "HeadMetrics")
 
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:

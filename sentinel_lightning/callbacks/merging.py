@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -47,6 +48,12 @@ class KeyValueMerging(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.num_key_value_heads is None:
             return
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            raise ValueError(
+                f"KeyValueMerging(num_key_value_heads={self.num_key_value_heads}) does not run under "
+                "ModelParallelStrategy (FSDP2): it rewrites the key/value projections, which FSDP shards. Merge in "
+                "a single-process or DDP run."
+            )
         self._gates = find_or_attach_gates(pl_module)
         causal_lm = find_causal_lm(pl_module)
         family = family_of(causal_lm)

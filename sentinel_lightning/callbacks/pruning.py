@@ -19,6 +19,7 @@ from sentinel_lightning.events import HeadEvent, PruningAwareModule, find_callba
 from sentinel_lightning.gates import HeadGates, find_causal_lm, find_or_attach_gates
 from sentinel_lightning.measure.statistics import HeadStatistics
 from sentinel_lightning.reconstruction import linear_compensation
+from sentinel_lightning.sharding import require_whole_gates
 from sentinel_lightning.standalone.families import family_of
 from sentinel_lightning.strategies import (
     Strategy,
@@ -198,6 +199,7 @@ class HeadPruning(L.Callback):
             )
         if self.compensate == "linear":
             head_metrics.require_output_second_moment()
+            gates.enable_linear_compensation()
 
     def _reachable(self, target: float) -> int:
         """The number of pruned query heads nearest ``target`` that whole units (and the scope's shape) reach."""
@@ -252,6 +254,7 @@ class HeadPruning(L.Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        require_whole_gates(trainer, self._gates, "HeadPruning")
         last = self._last_reachable(trainer)
         unreachable = self._scheduled_after(last)
         if unreachable:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import zipfile
 from typing import Any
 
@@ -17,17 +18,22 @@ from sentinel_lightning.compaction import (
     weight_bytes,
 )
 from sentinel_lightning.saving import check_output_directory, save_pruned
+from sentinel_lightning.sharding import consolidate_checkpoint
 from sentinel_lightning.standalone.pruned_modeling import stock_describes
 
 BOUND_CONTEXT = 4096  # the context at which export states the bytes bound on decoding speed
 
 
 def load_checkpoint(ckpt_path: str):
-    """The ``GatedLanguageModel`` of a checkpoint, refused with an error naming the file when it is empty or
+    """The ``GatedLanguageModel`` of a checkpoint file or sharded checkpoint folder
+    (``sharding.consolidate_checkpoint``), refused with an error naming the file when it is empty or
     truncated, or holds non-finite weights or gates (a diverged run: export its best or an earlier checkpoint).
     """
     from sentinel_lightning.module import GatedLanguageModel
 
+    if os.path.isdir(ckpt_path):  # sharded (ModelParallelStrategy): read through one consolidated file
+        with tempfile.TemporaryDirectory() as folder:
+            return load_checkpoint(consolidate_checkpoint(ckpt_path, os.path.join(folder, "consolidated.ckpt")))
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist.")
     if os.path.getsize(ckpt_path) == 0:
@@ -78,7 +84,8 @@ def export_checkpoint(
     ``BOUND_CONTEXT`` tokens that the bytes a decoding step reads give (``compaction.bytes_per_decoded_token``).
 
     Args:
-        ckpt_path: Path of a Lightning checkpoint of a ``GatedLanguageModel``.
+        ckpt_path: Path of a Lightning checkpoint of a ``GatedLanguageModel``: a file, or the folder of shards a
+            ``ModelParallelStrategy`` run writes (``sharding.consolidate_checkpoint``).
         output_dir: Folder to write the config, the safetensors weights and the tokenizer into; refused when it
             already holds files, unless ``overwrite``.
         overwrite: Whether to replace the model in a non-empty ``output_dir`` (``--overwrite true``): the model and
