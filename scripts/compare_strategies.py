@@ -33,16 +33,21 @@ import torch
 from sentinel_lightning.callbacks import HeadPruning
 from sentinel_lightning.data import LanguageModelingDataModule
 from sentinel_lightning.evaluation import evaluate_model
-from sentinel_lightning.gates import HeadGates, attach_gates, find_gates
+from sentinel_lightning.gates import HeadGates, attach_gates, find_causal_lm, find_gates
+from sentinel_lightning.measure.ablation import unit_ablation
 from sentinel_lightning.measure.statistics import measure_head_metrics
 from sentinel_lightning.pretrained import byte_level_tokenizer
-from sentinel_lightning.strategies import STRATEGIES, resolve_strategy, select_heads
+from sentinel_lightning.standalone.families import family_of
+from sentinel_lightning.strategies import SCOPES, STRATEGIES, UNITS, needs_ablation, resolve_strategy, select_heads
 from sentinel_lightning.tiny import tiny_model
 
 DEFAULT_LEVELS = [round(0.1 * index, 1) for index in range(10)]
 QUICK_LEVELS = [0.0, 0.25, 0.5]
 DEFAULT_PROMPT = "In Python, a function definition"
 STRATEGY_NAMES = tuple(STRATEGIES)
+# By default, the strategies that read the calibration metrics only; "ablation" measures one forward per head and
+# calibration batch (on the embedded default: 270 x 4), so it runs when asked for: --strategies ablation ...
+DEFAULT_STRATEGIES = [name for name in STRATEGY_NAMES if not needs_ablation(STRATEGIES[name](0))]
 COMPENSATED = "+compensation"  # suffix of a run whose pruned heads write their mean output instead of zero
 LINEAR = "+linear"  # suffix of a run whose pruned heads write their prediction from the kept heads (reconstruction.py)
 
@@ -70,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="A tiny random Llama and a byte-level tokenizer, 3 levels, 2 seeds: seconds.",
     )
-    add("--strategies", nargs="+", default=list(STRATEGY_NAMES), choices=STRATEGY_NAMES)
+    add("--strategies", nargs="+", default=DEFAULT_STRATEGIES, choices=STRATEGY_NAMES)
     add(
         "--compensate",
         nargs="*",
@@ -101,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Fractions of all heads to prune (default: 0.0 0.1 ... 0.9).",
     )
     add("--min-active-heads-per-layer", type=int, default=1, help="No layer keeps fewer active heads (default: 1).")
+    add("--unit", choices=UNITS, default="head", help="What is pruned: head, group (a key/value head and its query "
+        "heads) or layer (default: head).")
+    add("--scope", choices=SCOPES, default="global", help="global, layer or uniform (default: global).")
     add("--block-size", type=int, default=None, help="Tokens per block (default: 256; --quick: 32).")
     add("--batch-size", type=int, default=4)
     add(
@@ -217,16 +225,24 @@ def measure(model, tokenizer, validation, args) -> dict:
 
 
 def prune_to(
-    gates: HeadGates, scores: torch.Tensor, count: int, min_active: int, compensation: torch.Tensor | None = None
+    gates: HeadGates, scores: torch.Tensor, count: int, min_active: int, compensation: torch.Tensor | None = None,
+    unit: str = "head", scope: str = "global", group_size: int = 1,
 ) -> list[tuple[int, int]]:
-    """Resets ``gates`` to dense, then prunes the ``count`` top-scored heads (global scope).
+    """Resets ``gates`` to dense, then prunes about ``count`` top-scored heads in whole units (``select_heads``).
 
     ``compensation`` ``[L, H, D]`` (the heads' mean outputs) is what pruned heads write instead of zero, or None.
     """
     gates.reactivate(gates.pruned_heads())
-    heads = select_heads(scores, gates.active, count, scope="global", min_active_heads_per_layer=min_active)
+    heads = select_heads(scores, gates.active, count, scope=scope, min_active_heads_per_layer=min_active, unit=unit,
+                         group_size=group_size)
     gates.prune(heads, compensation=compensation)
     return heads
+
+
+def group_size_of(model) -> int:
+    """``G``: query heads per key/value head of ``model`` (``families``)."""
+    causal_lm = find_causal_lm(model)
+    return family_of(causal_lm).group_size(causal_lm.config)
 
 
 def calibration_and_validation(
@@ -300,7 +316,8 @@ def compare(
             mode = "mean" if name.endswith(COMPENSATED) else "linear" if name.endswith(LINEAR) else "none"
             compensation = metrics["output_mean"] if mode != "none" else None
             scores = resolve_strategy(strategy, 0 if seed is None else seed)(metrics)
-            heads = prune_to(gates, scores, round(level * total_heads), args.min_active_heads_per_layer, compensation)
+            heads = prune_to(gates, scores, round(level * total_heads), args.min_active_heads_per_layer, compensation,
+                             args.unit, args.scope, group_size_of(model))
             if mode == "linear":
                 HeadPruning.fit_linear_compensation(gates, metrics, sorted({layer for layer, _ in heads}))
             key = (frozenset(heads), mode)
@@ -347,6 +364,8 @@ def describe(args: argparse.Namespace, gates: HeadGates, calibration: list, vali
         "generation_threads": args.generation_threads,
         "recovery_steps": args.recovery_steps,
         "min_active_heads_per_layer": args.min_active_heads_per_layer,
+        "unit": args.unit,
+        "scope": args.scope,
         "strategies": run_names(args),
         "seeds": args.seeds,
         "levels": args.levels,
@@ -372,6 +391,8 @@ def run(args: argparse.Namespace) -> dict:
     with progress_bar(console) as progress:
         task = progress.add_task("calibrating the head metrics", total=1 + len(args.levels) * len(strategy_runs(args)))
         metrics = measure_head_metrics(model, calibration, second_moment=bool(args.compensate_linear))
+        if any(needs_ablation(STRATEGIES[name](0)) for name in args.strategies):  # the units pruned here
+            metrics["ablation"] = unit_ablation(model, calibration, args.unit, group_size_of(model))
         calibration_seconds = time.perf_counter() - started
         progress.advance(task)
         records = compare(model, tokenizer, data, metrics, validation, args, progress, task, started)
@@ -473,7 +494,8 @@ def markdown(results: dict) -> str:
         f"- model: {results['model']} ({results['num_layers']} layers x {results['num_heads']} heads)",
         f"- data: {results['data']}; head metrics on {results['calibration_blocks']} training blocks, perplexity on "
         f"{results['validation_blocks']} validation blocks of {results['block_size']} tokens",
-        f"- pruning: global scope, at least {results['min_active_heads_per_layer']} active head(s) per layer; "
+        f"- pruning: unit {results.get('unit', 'head')}, {results.get('scope', 'global')} scope, at least "
+        f"{results['min_active_heads_per_layer']} active head(s) per layer; "
         + (
             f"{results['recovery_steps']} recovery fine-tuning steps per level"
             if results["recovery_steps"]

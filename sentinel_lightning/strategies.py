@@ -86,6 +86,21 @@ def lowest_entropy_score(metrics: Metrics) -> torch.Tensor:
     return -metrics["entropy"].float()
 
 
+def ablation_score(metrics: Metrics) -> torch.Tensor:
+    """Smallest measured loss increase first: ``metrics["ablation"]``, each unit's increase of the mean token loss
+    when it alone is pruned (``measure.ablation.unit_ablation``, which ``HeadPruning`` runs on its last training
+    batches when the strategy declares ``needs_ablation``)."""
+    return -metrics["ablation"].float()
+
+
+ablation_score.needs_ablation = True
+
+
+def needs_ablation(score: Strategy) -> bool:
+    """Whether ``score`` reads ``metrics["ablation"]``, which ``HeadPruning`` measures only for such a strategy."""
+    return bool(getattr(score, "needs_ablation", False))
+
+
 def needs_head_metrics(score: Strategy) -> bool:
     """Whether ``score`` reads ``HeadMetrics``' measurements: its ``needs_head_metrics`` attribute, else True.
 
@@ -113,6 +128,7 @@ STRATEGIES: dict[str, Callable[[int], Strategy]] = {
     "gradient_per_example": lambda seed: per_example_gradient_score,
     "gradient_layer_norm": lambda seed: layer_normalised_gradient_score,
     "gradient_compensated": lambda seed: compensated_gradient_score,
+    "ablation": lambda seed: ablation_score,
     "attention_sink": lambda seed: attention_sink_score,
     "entropy": lambda seed: entropy_score,
     "lowest_entropy": lambda seed: lowest_entropy_score,

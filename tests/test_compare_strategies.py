@@ -99,3 +99,27 @@ def test_compensated_runs_prune_the_same_heads_and_write_their_mean_outputs(tmp_
         assert len({plain["perplexity"], compensated["perplexity"], linear["perplexity"]}) == 3
     assert by_run[("gradient", 0.0)]["perplexity"] == by_run[("gradient+compensation", 0.0)]["perplexity"]
     assert "gradient+compensation" in (tmp_path / "results.md").read_text()
+
+
+def test_ablation_is_compared_when_asked_for(tmp_path):
+    script = load_script("compare_strategies")
+    assert "ablation" not in script.parse_args(["--quick"]).strategies  # one forward per head: not by default
+    results = script.main(["--quick", "--strategies", "ablation", "gradient", "--levels", "0.0", "0.5",
+                           "--output-dir", str(tmp_path)])
+    ablation = torch.tensor(results["head_metrics"]["ablation"])  # [L, H]: each head's measured loss increase
+    assert ablation.shape == (2, 4) and torch.isfinite(ablation).all()
+    (pruned,) = [row["pruned"] for row in results["results"] if row["strategy"] == "ablation" and row["level"] == 0.5]
+    cheapest = sorted(range(8), key=lambda index: ablation.flatten()[index].item())[:4]
+    assert sorted(layer * 4 + head for layer, head in pruned) == sorted(cheapest)
+
+
+def test_groups_are_compared_in_the_uniform_shape(tmp_path):
+    results = load_script("compare_strategies").main([
+        "--quick", "--strategies", "ablation", "gradient", "--levels", "0.0", "0.5", "--unit", "group",
+        "--scope", "uniform", "--output-dir", str(tmp_path)])
+    for row in results["results"]:
+        if row["level"] == 0.5:  # the tiny Llama's 2 layers x 4 heads in 2 groups: one group of every layer
+            assert sorted({(layer, head // 2) for layer, head in row["pruned"]}) in (
+                [(0, g0), (1, g1)] for g0 in (0, 1) for g1 in (0, 1))
+            assert len(row["pruned"]) == 4
+    assert "unit group, uniform scope" in (tmp_path / "results.md").read_text()

@@ -4,6 +4,7 @@ metrics."""
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -17,12 +18,14 @@ from sentinel_lightning.callbacks.head_metrics import HeadMetrics
 from sentinel_lightning.checks import nonfinite_parameters
 from sentinel_lightning.events import HeadEvent, PruningAwareModule, find_callback, notify_head_event
 from sentinel_lightning.gates import HeadGates, find_causal_lm, find_or_attach_gates
+from sentinel_lightning.measure.ablation import unit_ablation
 from sentinel_lightning.measure.statistics import HeadStatistics
 from sentinel_lightning.reconstruction import linear_compensation
 from sentinel_lightning.sharding import require_whole_gates
 from sentinel_lightning.standalone.families import family_of
 from sentinel_lightning.strategies import (
     Strategy,
+    needs_ablation,
     needs_head_metrics,
     prunable_per_layer,
     pruning_step,
@@ -124,6 +127,9 @@ class HeadPruning(L.Callback):
         compensate: What a pruned head writes instead of zero: ``"none"``, ``"mean"`` (its mean output,
             ``HeadMetrics.output_mean``) or ``"linear"`` (the least-squares prediction from its layer's kept heads);
             ``compact`` folds either exactly into the output projection. True and False mean ``"mean"`` and ``"none"``.
+        calibration_batches: How many of the last training batches (per rank) the ``"ablation"`` strategy
+            measures every unit on at a pruning event (``measure.ablation.unit_ablation``: one forward per unit and
+            batch); other strategies keep none.
     """
 
     def __init__(
@@ -137,6 +143,7 @@ class HeadPruning(L.Callback):
         unit: str = "head",
         interval: str = "epoch",
         compensate: Compensation | bool = "none",
+        calibration_batches: int = 1,
     ) -> None:
         if interval not in INTERVALS:
             raise ValueError(f"interval={interval!r} is not one of {INTERVALS}.")
@@ -159,6 +166,10 @@ class HeadPruning(L.Callback):
             raise ValueError(f"monitor={monitor!r} must be the name of a logged metric.")
         self.seed = seed
         self.monitor = monitor
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+            raise ValueError(f"calibration_batches={calibration_batches!r} must be a positive integer.")
+        self.calibration_batches = calibration_batches
+        self._recent_batches: deque[dict[str, torch.Tensor]] = deque(maxlen=calibration_batches)
         self.events: list[HeadEvent] = []
         self._gates: HeadGates | None = None
 
@@ -304,6 +315,15 @@ class HeadPruning(L.Callback):
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if needs_ablation(self.score):
+            if not (isinstance(batch, Mapping) and "input_ids" in batch):
+                raise ValueError(
+                    f"HeadPruning(strategy={self.strategy_name!r}) measures the loss on training batches, which "
+                    "must be dicts with 'input_ids' (and optionally 'attention_mask', 'labels'); got "
+                    f"{type(batch).__name__}."
+                )
+            self._recent_batches.append({key: value.detach() for key, value in batch.items()
+                                         if isinstance(value, torch.Tensor)})
         if self.interval == "step":
             self._prune_to_schedule(trainer, pl_module, trainer.global_step)
 
@@ -343,6 +363,15 @@ class HeadPruning(L.Callback):
         if head_metrics is not None:
             # The [L, H, D, H * D] second moment is computed below, for the pruned layers only.
             metrics.update({name: value.cpu() for name, value in head_metrics.compute(HeadStatistics.KEYS).items()})
+        if needs_ablation(self.score):
+            if not self._recent_batches:
+                raise ValueError(
+                    f"HeadPruning(strategy={self.strategy_name!r}) at {moment}: no training batch was seen to measure "
+                    "the units on."
+                )
+            mean_output = metrics.get("output_mean") if self.compensate != "none" else None
+            metrics["ablation"] = unit_ablation(pl_module, self._recent_batches, self.unit, self.group_size,
+                                                mean_output)
         heads = select_heads(
             self.score(metrics), gates.active, count, self.scope, self.min_active_heads_per_layer,
             gates.protected(epoch), self.unit, self.group_size,
