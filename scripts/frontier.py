@@ -81,10 +81,11 @@ LORA = ('--model.lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"
 DENSE = ("--pruning.schedule={}",)
 RECIPES = {
     "dense": Recipe("none", "", "fine-tune only", DENSE),
-    "default": Recipe("group", "uniform", "the job: 1/3 after epoch 0, linear compensation, 7 epochs"),
+    "default": Recipe("group", "uniform", "the job: 1/3 after epoch 0 by measured ablation, linear compensation, "
+                      "7 epochs"),
+    "compensated gradient": Recipe("group", "uniform", "the job with the compensated gradient score (the default "
+                                   "until 2026-12-02)", ("--pruning.strategy=gradient_compensated",)),
     "distilled": Recipe("group", "uniform", "the job + distillation from the model before pruning", DISTILLED),
-    "ablation": Recipe("group", "uniform", "the job, groups chosen by measured ablation (1 calibration batch)",
-                       ("--pruning.strategy=ablation",)),
     "dense 4 epochs": Recipe("none", "", "fine-tune only", DENSE, FOUR_EPOCHS, " 4 epochs"),
     "group uniform 4 epochs": Recipe("group", "uniform", "the job's recipe, 4 epochs", (), FOUR_EPOCHS, " 4 epochs"),
     "distilled 4 epochs": Recipe("group", "uniform", "the same + distillation from the model before pruning",
