@@ -2,9 +2,8 @@
 
 Measured, not estimated: one forward of the calibration batches per active unit, with that unit's heads pruned
 (writing their mean output when ``compensation`` is given, as ``HeadPruning(compensate="mean"/"linear")`` will
-make them write at least). On the embedded default, one group in three pruned in every layer by this measure
-(two calibration batches) gave perplexity 26.3 before any fine-tuning, against 44.0 by ``gradient_compensated``
-and 52.8 by ``gradient`` (docs/results.md): the gradients' first-order estimate ranks whole groups poorly.
+make them write at least). On the embedded default it chooses far better groups than the gradients' first-order
+estimate (docs/results.md, "Which groups to cut").
 
 Its cost is one forward per unit and batch (``L * H / G`` units for groups, ``L * H`` for heads, ``L`` for layers),
 less the decoder layers before the unit's, which return what they computed in the batch's first forward.
