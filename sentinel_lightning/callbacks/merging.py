@@ -117,6 +117,12 @@ class KeyValueMerging(L.Callback):
         if self.fit:
             calibration = list(self._recent_batches) or [_calibration_batch(batch)]
             statistics = record_key_value_statistics(pl_module, calibration)
+            moments = (statistics.query_power, statistics.key_moments, statistics.value_moments)
+            if not all(bool(torch.isfinite(moment).all()) for moment in moments):
+                raise ValueError(
+                    f"KeyValueMerging(fit=True): the heads' statistics on the calibration batches are not finite at "
+                    f"epoch {trainer.current_epoch}; the model has diverged, so no merge is fitted to it."
+                )
             self._recent_batches.clear()
         active = self._gates.active.cpu()  # [L, H]
         sizes = {}
