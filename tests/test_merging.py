@@ -268,3 +268,18 @@ def test_a_run_resumed_before_the_fitted_merge_merges_as_the_uninterrupted_one(t
     assert merged.weights.keys() == merged_after_resuming.weights.keys()
     for name, expected in merged.weights.items():
         assert torch.equal(expected, merged_after_resuming.weights[name]), name
+
+
+def test_a_fitted_merge_refuses_batches_without_input_ids_and_a_diverged_model(tokens):
+    module = GatedLanguageModel(model=nine_heads())
+    merging = KeyValueMerging(num_key_value_heads=2, epoch=0)
+    trainer = tiny_trainer()
+    merging.setup(trainer, module, "fit")
+    with pytest.raises(ValueError, match=r"must be dicts with 'input_ids'.*got tuple. Pass fit=False"):
+        merging.on_train_batch_start(trainer, module, (tokens, tokens), 0)
+    module.gates.prune([(0, 4), (1, 8)])
+    with torch.no_grad():
+        module.model.model.layers[1].self_attn.k_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"statistics on the calibration batches are not finite at epoch 0"):
+        merging.on_train_batch_start(trainer, module, {"input_ids": tokens}, 0)
+    assert not module.gates.merged_layers().any()  # nothing merged into the diverged model

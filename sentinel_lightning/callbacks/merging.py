@@ -26,9 +26,8 @@ class KeyValueMerging(L.Callback):
     merged key/value heads in equal groups: fitted to what the heads computed on the last training batches
     (``merging.fit_merged_layer``: keys per rotary pair, values by the directions the output uses; the queries and
     output projections of the heads that move are rewritten to read them), or with ``fit=False`` the weighted mean
-    of the heads its members read (``merge_mix``). On the embedded default, one query head in nine pruned and
-    three key/value heads merged into two, the fitted merge leaves the model about ten times closer to what it was
-    before the merge than the mean does (docs/results.md).
+    of the heads its members read (``merge_mix``). The fit leaves the model far closer to what it was before the
+    merge than the mean does (docs/results.md, "Learning rate, fitted key/value merges").
 
     The fine-tuning that follows recovers from the merge; ``compaction.compact`` then keeps ``num_key_value_heads``
     key/value heads per layer, so the key/value cache shrinks by ``num_key_value_heads / K`` while the query heads
