@@ -11,7 +11,8 @@ that way and its ``compact``-ed model. ``--model_dir FOLDER`` measures a saved f
 export, loaded with ``load_pruned``) against the plain model it came from (``--model``, default the embedded
 model). Per configuration the script reports:
 
-- parameters (``count_parameters``), weight bytes and key/value-cache bytes per token (``kv_cache_bytes_per_token``);
+- parameters (``count_parameters``), weight bytes, key/value-cache bytes per token (``kv_cache_bytes_per_token``)
+  and at each decoding context (``kv_cache_bytes``: a sliding-window layer holds only its window);
 - validation perplexity without fine-tuning (``evaluation.perplexity`` on the validation blocks of the embedded
   corpus) of the gated and of the compacted model, which must agree (they compute the same function);
 - prefill tokens/s (one forward pass over ``batch x length`` tokens) and decode tokens/s with the key/value cache
@@ -60,7 +61,13 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from sentinel_lightning.compaction import compact, count_parameters, kv_cache_bytes_per_token, weight_bytes
+from sentinel_lightning.compaction import (
+    compact,
+    count_parameters,
+    kv_cache_bytes,
+    kv_cache_bytes_per_token,
+    weight_bytes,
+)
 from sentinel_lightning.evaluation import perplexity
 from sentinel_lightning.gates import HeadGates, attach_gates
 from sentinel_lightning.measure.statistics import measure_head_metrics
@@ -305,6 +312,7 @@ def sizes(model: PreTrainedModel, args: argparse.Namespace) -> dict:
     return {
         "parameters": count_parameters(model), "weight_bytes": weight_bytes(model),
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model),
+        "kv_cache_bytes": {str(S): kv_cache_bytes(model, S) for S in args.decode_contexts},
         "multiply_adds": multiply_adds(model, args.prefill_batch, args.prefill_length),
         "heads_per_layer": [heads for heads, _ in layout], "key_value_heads_per_layer": [kv for _, kv in layout],
         "stock_modules": stock_describes(model),
@@ -314,7 +322,7 @@ def sizes(model: PreTrainedModel, args: argparse.Namespace) -> dict:
 
 def bytes_per_decoded_token(entry: dict, context: int) -> int:
     """``compaction.bytes_per_decoded_token`` from an entry's sizes: every weight once, plus the whole cache."""
-    return entry["weight_bytes"] + entry["kv_cache_bytes_per_token"] * context
+    return entry["weight_bytes"] + entry["kv_cache_bytes"][str(context)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import copy
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from sentinel_lightning.gates import HeadGates, detach_gates, find_causal_lm, find_gates
 from sentinel_lightning.lora import merge_adapters
@@ -82,7 +83,8 @@ def _weights(model: nn.Module) -> list[nn.Parameter]:
 
 
 def kv_cache_bytes_per_token(model: nn.Module) -> int:
-    """Bytes of keys and values that one token adds to the key/value cache, over all layers, in the model's dtype.
+    """Bytes of keys and values that one token adds to the key/value cache, over all layers, in the model's dtype,
+    while the context fits every sliding window (``kv_cache_bytes`` counts the windows).
 
     A layer caches ``2 * k * D`` numbers per token (keys and values of its ``k`` key/value heads, each once); a
     layer whose heads are all pruned caches the 2 numbers of its ``EmptyAttention`` placeholder.
@@ -90,6 +92,29 @@ def kv_cache_bytes_per_token(model: nn.Module) -> int:
     Args:
         model: A supported causal LM (compacted or not, gated or not) or a LightningModule holding one.
     """
+    return sum(_kv_cache_bytes_per_token_per_layer(model))
+
+
+def kv_cache_bytes(model: nn.Module, context: int) -> int:
+    """Bytes the key/value cache holds after ``context`` tokens, over all layers.
+
+    A full-attention layer holds every token; a sliding-window layer (``config.layer_types``, Mistral's
+    ``sliding_window``, as transformers' ``DynamicCache`` reads them) holds only its last ``sliding_window - 1``.
+
+    Args:
+        model: As for ``kv_cache_bytes_per_token``.
+        context: Number of tokens cached, a positive integer.
+    """
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise ValueError(f"context={context!r} must be a positive number of tokens.")
+    windows = _sliding_windows(find_causal_lm(model).config)
+    per_layer = _kv_cache_bytes_per_token_per_layer(model)
+    return sum(size * (context if window is None else min(context, window - 1))
+               for size, window in zip(per_layer, windows, strict=True))
+
+
+def _kv_cache_bytes_per_token_per_layer(model: nn.Module) -> list[int]:
+    """``[L]`` bytes of keys and values each layer's cache adds per token (see ``kv_cache_bytes_per_token``)."""
     causal_lm = find_causal_lm(model)
     family = family_of(causal_lm)
     num_layers, _, head_dim = family.head_shape(causal_lm)
@@ -98,17 +123,25 @@ def kv_cache_bytes_per_token(model: nn.Module) -> int:
         kv_heads = [family.num_key_value_heads(causal_lm.config)] * num_layers
     else:
         kv_heads = [len(set(kv_index)) for kv_index in indices]
-    numbers = sum(2 * count * head_dim if count else 2 for count in kv_heads)  # keys and values
-    return numbers * torch.empty((), dtype=causal_lm.dtype).element_size()
+    size = torch.empty((), dtype=causal_lm.dtype).element_size()
+    return [(2 * count * head_dim if count else 2) * size for count in kv_heads]  # keys and values
+
+
+def _sliding_windows(config: PretrainedConfig) -> list[int | None]:
+    """``[L]`` each layer's sliding window as transformers' cache applies it, None for a layer that keeps all."""
+    layer_types, per_layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return [kwargs.get("sliding_window") if kind == "sliding_attention" else None
+            for kind, kwargs in zip(layer_types, per_layer_kwargs, strict=True)]
 
 
 def bytes_per_decoded_token(model: nn.Module, context: int) -> int:
-    """Bytes one decoding step must read with ``context`` tokens cached: every weight once plus the whole cache.
+    """Bytes one decoding step must read with ``context`` tokens cached: every weight once plus the whole cache
+    (``kv_cache_bytes``: a sliding-window layer reads only its window).
 
     The ratio of two models' values bounds how much faster one decodes than the other where decoding is limited
     by memory traffic (batch 1, long contexts), which is how a smaller cache pays.
     """
-    return weight_bytes(model) + kv_cache_bytes_per_token(model) * context
+    return weight_bytes(model) + kv_cache_bytes(model, context)
 
 
 # ----------------------------------------------------------------------------------------------------------------

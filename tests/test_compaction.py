@@ -12,7 +12,13 @@ from transformers import AutoModelForCausalLM
 
 from sentinel_lightning import GatedLanguageModel
 from sentinel_lightning.cli.export import export_checkpoint
-from sentinel_lightning.compaction import compact, count_parameters, kv_cache_bytes_per_token, weight_bytes
+from sentinel_lightning.compaction import (
+    compact,
+    count_parameters,
+    kv_cache_bytes,
+    kv_cache_bytes_per_token,
+    weight_bytes,
+)
 from sentinel_lightning.gates import attach_gates, find_gates
 from sentinel_lightning.saving import load_pruned, save_pruned
 from sentinel_lightning.standalone.families import (
@@ -269,6 +275,24 @@ def test_kv_cache_bytes_per_token_counts_what_the_cache_stores(family, tokens):
     expected = sum(2 * count * head_dim * 4 if count else 2 * 4 for count in kept_kv)  # the empty layer: 2 numbers
     assert kv_cache_bytes_per_token(compacted) == expected == cached_bytes_per_token(compacted, tokens)
     assert kv_cache_bytes_per_token(compacted.to(torch.bfloat16)) == expected // 2
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "llama"])
+def test_kv_cache_bytes_counts_sliding_windows(family, tokens):
+    # The tiny qwen3 and gemma3_text have one sliding layer of window 6 (it keeps 5 tokens) and one full layer.
+    compacted = compact(pruned_model(family))
+    with torch.no_grad():
+        cache = compacted(tokens[:1], use_cache=True).cache
+    stored = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+    assert kv_cache_bytes(compacted, tokens.shape[1]) == stored
+    assert kv_cache_bytes(compacted, 3) == 3 * kv_cache_bytes_per_token(compacted)  # within every window
+    if family == "llama":
+        assert stored == tokens.shape[1] * kv_cache_bytes_per_token(compacted)
+    else:
+        assert stored < tokens.shape[1] * kv_cache_bytes_per_token(compacted)
+    for context in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=f"context={context!r}"):
+            kv_cache_bytes(compacted, context)
 
 
 def test_key_value_index_attention_copies_and_pickles(tokens):
