@@ -77,6 +77,7 @@ TWO_STEPS = "--pruning.schedule={0: 0.15, 1: 0.3}"
 LEARNING_RATE_3E4 = ("--model.learning_rate=0.0003",)  # the job's learning rate until 2026-12-02
 LEARNING_RATE_8E4 = ("--model.learning_rate=0.0008",)
 LEARNING_RATE_1E3 = ("--model.learning_rate=0.001",)
+SEED_1 = ("--seed_everything=1", "--data.seed=1")  # another order of the training blocks
 FOUR_EPOCHS = ("--trainer.max_epochs=4", *LEARNING_RATE_3E4)  # the job's budget until 2026-12-02
 DISTILLED = ("--model.distillation=0.5", "--model.distillation_teacher=before_pruning")
 # LoRA on every linear layer but the head, at LoRA's usual learning rate (only the adapters and the gates train).
@@ -117,6 +118,10 @@ RECIPES = {
     "dense lr 8e-4": Recipe("none", "", "fine-tune only", DENSE, LEARNING_RATE_8E4, " lr 8e-4"),
     "default lr 8e-4": Recipe("group", "uniform", "the job at learning rate 8e-4", (EPOCH_0,), LEARNING_RATE_8E4,
                               " lr 8e-4"),
+    "dense seed 1": Recipe("none", "", "fine-tune only", DENSE, SEED_1, " seed 1"),
+    "default seed 1": Recipe("group", "uniform", "the job, seed 1", (), SEED_1, " seed 1"),
+    "default, pruned after epoch 0, seed 1": Recipe("group", "uniform", "the same, pruned after epoch 0, seed 1",
+                                                    (EPOCH_0,), SEED_1, " seed 1"),
     "dense lr 1e-3": Recipe("none", "", "fine-tune only", DENSE, LEARNING_RATE_1E3, " lr 1e-3"),
     "default lr 1e-3": Recipe("group", "uniform", "the job at learning rate 1e-3", (EPOCH_0,), LEARNING_RATE_1E3,
                               " lr 1e-3"),
