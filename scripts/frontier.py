@@ -83,21 +83,19 @@ DISTILLED = ("--model.distillation=0.5", "--model.distillation_teacher=before_pr
 # LoRA on every linear layer but the head, at LoRA's usual learning rate (only the adapters and the gates train).
 LORA = ('--model.lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}', "--model.learning_rate=0.001")
 DENSE = ("--pruning.schedule={}",)
-EPOCH_0 = "--pruning.schedule={0: 0.3333}"  # the job's pruning until 2026-12-02 (fourth session): after epoch 0
+EPOCH_1 = "--pruning.schedule={1: 0.3333}"
 # One query head in nine pruned per layer after epoch 0, then three key/value heads merged into two (8 query heads
 # in two groups of 4: a uniform layout).
 MERGED = ("--pruning.unit=head", "--pruning.scope=layer", "--pruning.schedule={0: 0.1111}",
           "--merging.num_key_value_heads=2", "--merging.epoch=1")
 RECIPES = {
     "dense": Recipe("none", "", "fine-tune only", DENSE),
-    "default": Recipe("group", "uniform", "the job: 1/3 after epoch 1 by measured ablation, linear compensation, "
+    "default": Recipe("group", "uniform", "the job: 1/3 after epoch 0 by measured ablation, linear compensation, "
                       "7 epochs at learning rate 6e-4"),
-    "default, pruned after epoch 0": Recipe(
-        "group", "uniform", "the same, pruned after epoch 0 (the job until 2026-12-02, fourth session)",
-        (EPOCH_0,)),
+    "default, pruned after epoch 1": Recipe("group", "uniform", "the same, pruned after epoch 1", (EPOCH_1,)),
     "default, 2 calibration batches": Recipe(
         "group", "uniform", "the same, the ablation measured on the last 2 training batches of epoch 0",
-        (EPOCH_0, "--pruning.calibration_batches=2")),
+        ("--pruning.calibration_batches=2",)),
     "default, pruned after step 2": Recipe(
         "group", "uniform", "the same, pruned after the second training step",
         ("--pruning.interval=step", "--pruning.schedule={2: 0.3333}")),
@@ -109,27 +107,27 @@ RECIPES = {
         (*MERGED, "--pruning.strategy=gradient_compensated")),
     "dense lr 3e-4": Recipe("none", "", "fine-tune only", DENSE, LEARNING_RATE_3E4, " lr 3e-4"),
     "default lr 3e-4": Recipe("group", "uniform", "the job at learning rate 3e-4 (the default until 2026-12-02)",
-                              (EPOCH_0,), LEARNING_RATE_3E4, " lr 3e-4"),
+                              (), LEARNING_RATE_3E4, " lr 3e-4"),
     "compensated gradient lr 3e-4": Recipe(
         "group", "uniform", "the same, groups chosen by the compensated gradient score (the default before the "
-        "ablation)", (EPOCH_0, "--pruning.strategy=gradient_compensated"), LEARNING_RATE_3E4, " lr 3e-4"),
+        "ablation)", ("--pruning.strategy=gradient_compensated",), LEARNING_RATE_3E4, " lr 3e-4"),
     "fitted merge lr 3e-4": Recipe("head+merge", "layer", "the fitted merge at learning rate 3e-4",
                                    (*MERGED, "--pruning.strategy=gradient_compensated"), LEARNING_RATE_3E4, " lr 3e-4"),
     "dense lr 8e-4": Recipe("none", "", "fine-tune only", DENSE, LEARNING_RATE_8E4, " lr 8e-4"),
-    "default lr 8e-4": Recipe("group", "uniform", "the job at learning rate 8e-4", (EPOCH_0,), LEARNING_RATE_8E4,
+    "default lr 8e-4": Recipe("group", "uniform", "the job at learning rate 8e-4", (), LEARNING_RATE_8E4,
                               " lr 8e-4"),
     "dense seed 1": Recipe("none", "", "fine-tune only", DENSE, SEED_1, " seed 1"),
     "default seed 1": Recipe("group", "uniform", "the job, seed 1", (), SEED_1, " seed 1"),
-    "default, pruned after epoch 0, seed 1": Recipe("group", "uniform", "the same, pruned after epoch 0, seed 1",
-                                                    (EPOCH_0,), SEED_1, " seed 1"),
+    "default, pruned after epoch 1, seed 1": Recipe("group", "uniform", "the same, pruned after epoch 1, seed 1",
+                                                    (EPOCH_1,), SEED_1, " seed 1"),
     "dense lr 1e-3": Recipe("none", "", "fine-tune only", DENSE, LEARNING_RATE_1E3, " lr 1e-3"),
-    "default lr 1e-3": Recipe("group", "uniform", "the job at learning rate 1e-3", (EPOCH_0,), LEARNING_RATE_1E3,
+    "default lr 1e-3": Recipe("group", "uniform", "the job at learning rate 1e-3", (), LEARNING_RATE_1E3,
                               " lr 1e-3"),
     "dense 4 epochs": Recipe("none", "", "fine-tune only", DENSE, FOUR_EPOCHS, " 4 epochs"),
-    "group uniform 4 epochs": Recipe("group", "uniform", "the job's recipe, 4 epochs", (EPOCH_0,), FOUR_EPOCHS,
+    "group uniform 4 epochs": Recipe("group", "uniform", "the job's recipe, 4 epochs", (), FOUR_EPOCHS,
                                      " 4 epochs"),
     "distilled 4 epochs": Recipe("group", "uniform", "the same + distillation from the model before pruning",
-                                 (EPOCH_0, *DISTILLED), FOUR_EPOCHS, " 4 epochs"),
+                                 DISTILLED, FOUR_EPOCHS, " 4 epochs"),
     "group global 4 epochs": Recipe("group", "global", "15% then 30%, linear compensation",
                                     ("--pruning.scope=global", TWO_STEPS), FOUR_EPOCHS, " 4 epochs"),
     "head global 4 epochs": Recipe("head", "global", "15% then 30%, linear compensation (the default until 2026-12-01)",
@@ -138,7 +136,7 @@ RECIPES = {
     "merged 8q/2kv 4 epochs": Recipe("head+merge", "layer", "1 head in 9 per layer, key/value heads averaged to 2 "
                                      "per layer", (*MERGED, "--merging.fit=false"), FOUR_EPOCHS, " 4 epochs"),
     "dense LoRA": Recipe("none", "", "LoRA fine-tune only", DENSE, LORA, " LoRA"),
-    "default LoRA": Recipe("group", "uniform", "the job as a LoRA fine-tune (r=16, all linear layers)", (EPOCH_0,),
+    "default LoRA": Recipe("group", "uniform", "the job as a LoRA fine-tune (r=16, all linear layers)", (),
                            LORA, " LoRA"),
 }
 SHIPPED = "default"

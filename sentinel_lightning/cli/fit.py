@@ -5,7 +5,7 @@ The job is ``GatedLanguageModel`` on ``LanguageModelingDataModule`` with the hea
 the callbacks' own class defaults (``HeadPruning``'s strategy and schedule among them), plus ``TRAINER_DEFAULTS``
 and ``JOB_DEFAULTS`` below, which ``scripts/finetune_prune.py`` reuses through ``run_fit``. With no arguments,
 ``sentinel-lightning fit`` fine-tunes the embedded default model on the embedded corpus for 7 epochs and prunes one
-key/value group in three in every layer after epoch 1 (measured ablation, linear compensation), small enough for a
+key/value group in three in every layer after epoch 0 (measured ablation, linear compensation), small enough for a
 2-core CPU.
 
 Unless the trainer is given a ``ModelCheckpoint`` of its own, the job keeps two checkpoints in its log folder:
@@ -58,8 +58,9 @@ TRAINER_DEFAULTS = {
 # third smaller key/value cache and a uniform layout that plain transformers, vLLM and llama.cpp open; pruned heads
 # write their least-squares prediction from the kept heads (linear compensation); each layer loses the group whose
 # removal, measured on the last training batch, raises the loss least (the ablation strategy, better than the
-# compensated gradient score on validation and held-out text). The learning rate (of 3e-4, 6e-4, 8e-4 and 1e-3) and
-# the epoch of the pruning (after epoch 0, 1, 2 or step 2) are those the pruned fine-tune of 7 epochs ends best at
+# compensated gradient score on validation and held-out text). The learning rate is the one, of 3e-4, 6e-4, 8e-4 and
+# 1e-3, that the pruned fine-tune of 7 epochs ends best at. It prunes after epoch 0: pruning later leaves a better
+# model to regress from, and on another order of the training blocks HeadReactivation gave every group back
 # (docs/results.md, "When to prune").
 JOB_DEFAULTS = {
     "model.learning_rate": 6e-4,
@@ -68,7 +69,7 @@ JOB_DEFAULTS = {
     "pruning.compensate": "linear",
     "pruning.unit": "group",
     "pruning.scope": "uniform",
-    "pruning.schedule": {1: 0.3333},
+    "pruning.schedule": {0: 0.3333},
     # One step of a third of the heads regresses validation for an epoch before fine-tuning recovers it; heads come
     # back only when two validations in a row stay worse than before the pruning.
     "reactivation.patience": 2,
