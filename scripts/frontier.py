@@ -84,6 +84,7 @@ DISTILLED = ("--model.distillation=0.5", "--model.distillation_teacher=before_pr
 LORA = ('--model.lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}', "--model.learning_rate=0.001")
 DENSE = ("--pruning.schedule={}",)
 EPOCH_1 = "--pruning.schedule={1: 0.3333}"
+PATIENCE_3 = "--reactivation.patience=3"
 # One query head in nine pruned per layer after epoch 0, then three key/value heads merged into two (8 query heads
 # in two groups of 4: a uniform layout).
 MERGED = ("--pruning.unit=head", "--pruning.scope=layer", "--pruning.schedule={0: 0.1111}",
@@ -120,6 +121,11 @@ RECIPES = {
     "default seed 1": Recipe("group", "uniform", "the job, seed 1", (), SEED_1, " seed 1"),
     "default, pruned after epoch 1, seed 1": Recipe("group", "uniform", "the same, pruned after epoch 1, seed 1",
                                                     (EPOCH_1,), SEED_1, " seed 1"),
+    "default, pruned after epoch 1, patience 3": Recipe(
+        "group", "uniform", "the same, pruned after epoch 1, groups back only after 3 worse validations in a row",
+        (EPOCH_1, PATIENCE_3)),
+    "default, pruned after epoch 1, patience 3, seed 1": Recipe(
+        "group", "uniform", "the same, seed 1", (EPOCH_1, PATIENCE_3), SEED_1, " seed 1"),
     "dense lr 1e-3": Recipe("none", "", "fine-tune only", DENSE, LEARNING_RATE_1E3, " lr 1e-3"),
     "default lr 1e-3": Recipe("group", "uniform", "the job at learning rate 1e-3", (), LEARNING_RATE_1E3,
                               " lr 1e-3"),

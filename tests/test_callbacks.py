@@ -85,6 +85,18 @@ def test_no_reactivation_within_tolerance_or_before_patience():
     assert reactivation.events == []  # never two regressed validations in a row
 
 
+def test_a_run_that_ends_below_its_schedule_says_so():
+    # pruned after epoch 0, given back after epoch 1, and no later entry prunes again: the model ends dense
+    module = ScriptedPerplexity([10.0, 20.0, 20.0], model=tiny_model("llama"), learning_rate=1e-3)
+    pruning = HeadPruning("gradient", schedule={0: 0.25})
+    reactivation = HeadReactivation(monitor="fake_ppl", tolerance=0.05)
+    with pytest.warns(UserWarning, match=r"ends with 0 of 8 query heads pruned, fewer than the 2 of the target 0.25 "
+                                         r"scheduled at epoch 0"):
+        fit([HeadMetrics(), pruning, reactivation], epochs=3, module=module)
+    assert len(reactivation.events) == 1 and module.gates.num_active == 8
+    assert pruning.last_target(2) == (0, 0.25, 2) and pruning.last_target(-1) is None
+
+
 def test_importance_reactivation_takes_the_most_important_pruned_heads():
     module = ScriptedPerplexity([10.0, 10.0, 30.0], model=tiny_model("llama"), learning_rate=1e-3)
     pruning = HeadPruning("random", schedule={0: 0.25, 1: 0.5}, seed=3)

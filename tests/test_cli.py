@@ -12,7 +12,7 @@ from sentinel_lightning import GatedLanguageModel, LanguageModelingDataModule, l
 from sentinel_lightning.callbacks import DivergenceGuard, GateMonitor, HeadMetrics, HeadPruning, HeadReactivation
 from sentinel_lightning.cli import main
 from sentinel_lightning.cli.configs import packaged_configs, resolve_config
-from sentinel_lightning.cli.fit import JOB_DEFAULTS, SEED, TRAINER_DEFAULTS, SentinelCLI
+from sentinel_lightning.cli.fit import JOB_DEFAULTS, SEED, TRAINER_DEFAULTS, SentinelCLI, print_fit_report
 from sentinel_lightning.events import find_callback
 from sentinel_lightning.tiny import save_tiny_model
 
@@ -62,6 +62,15 @@ def test_fit_from_a_yaml_config_then_validate_the_checkpoint(tmp_path, tiny_mode
           "--num_tokens", "4", "--num_runs", "1"])
     report = capsys.readouterr().out
     assert "before" in report and "after" in report and "perplexity" in report
+
+
+def test_the_fit_report_flags_a_model_less_pruned_than_scheduled(capsys):
+    report = {"val_ppl_before": 17.0, "val_ppl_after": 8.0, "pruned_heads": [], "total_heads": 270,
+              "pruned_fraction": 0.0, "scheduled_fraction": 90 / 270, "checkpoint": "last.ckpt", "best_checkpoint": ""}
+    print_fit_report(report)
+    assert "scheduled fraction" in capsys.readouterr().out
+    print_fit_report({**report, "pruned_fraction": 90 / 270, "pruned_heads": [(0, 0)] * 90})
+    assert "scheduled fraction" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["entropy", "gradient", "random"])

@@ -286,6 +286,35 @@ class HeadPruning(L.Callback):
                 f"HeadPruning: the run stopped at epoch {trainer.current_epoch}, step {trainer.global_step}, before "
                 f"the scheduled {self._describe(missed)}; {self._gates.sparsity:.3f} of the heads are pruned."
             )
+        self._warn_if_below_schedule(reached)
+
+    def last_target(self, reached: int) -> tuple[int, float, int] | None:
+        """The latest schedule entry at or before the ``interval`` index ``reached``: ``(index, target, heads)``,
+        ``heads`` the number of query heads that target prunes once rounded to whole units."""
+        keys = range(reached + 1) if callable(self.schedule) else [key for key in self.schedule if key <= reached]
+        entries = [(key, target) for key in keys if (target := self.target_at(key)) is not None]
+        if not entries:
+            return None
+        key, target = max(entries)
+        return key, target, self._reachable(target)
+
+    def _warn_if_below_schedule(self, reached: int) -> None:
+        """Warns when the model ends less pruned than the schedule's latest target: heads given back by
+        ``HeadReactivation`` that no later schedule entry pruned again, so that the model handed over is not the
+        one the schedule describes."""
+        entry = self.last_target(reached)
+        if entry is None:
+            return
+        key, target, expected = entry
+        pruned = len(self._gates.pruned_heads())
+        if pruned < expected:
+            total = self._gates.active.numel()
+            rank_zero_warn(
+                f"HeadPruning: the run ends with {pruned} of {total} query heads pruned, fewer than the {expected} "
+                f"of the target {target} scheduled at {self.interval} {key}: heads given back by HeadReactivation "
+                "were not pruned again (no later schedule entry). The model handed over is that less pruned one; "
+                "prune later or make HeadReactivation more patient (patience, tolerance) to keep the target."
+            )
 
     def _scheduled_after(self, last: float) -> dict[int, float]:
         """The schedule's entries after the ``interval`` index ``last`` (none for a callable schedule)."""

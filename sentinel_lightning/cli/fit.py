@@ -104,7 +104,8 @@ class SentinelCLI(LightningCLI):
     """``LightningCLI`` with the head callbacks and a before/after perplexity report around ``fit``.
 
     After ``fit``, ``report`` holds ``{"val_ppl_before", "val_ppl_after", "pruned_heads" (list of (layer, head)),
-    "total_heads", "pruned_fraction", "checkpoint" (the last), "best_checkpoint"}``; rank zero prints it as a table.
+    "total_heads", "pruned_fraction", "scheduled_fraction" (the latest target the schedule reached), "checkpoint" (the
+    last), "best_checkpoint"}``; rank zero prints it as a table.
     """
 
     report: dict[str, Any] | None = None
@@ -144,6 +145,16 @@ class SentinelCLI(LightningCLI):
     def before_fit(self) -> None:
         self.perplexity_before = self._validation_perplexity()
 
+    def _scheduled_fraction(self) -> float | None:
+        """The share of heads the latest target the pruning schedule reached prunes (None without a
+        ``HeadPruning``)."""
+        pruning = next((c for c in self.trainer.callbacks if isinstance(c, HeadPruning)), None)
+        if pruning is None:
+            return None
+        reached = self.trainer.current_epoch - 1 if pruning.interval == "epoch" else self.trainer.global_step
+        entry = pruning.last_target(reached)
+        return 0.0 if entry is None else entry[2] / find_gates(self.model).active.numel()
+
     def after_fit(self) -> None:
         perplexity_after = self._validation_perplexity()
         gates = find_gates(self.model)
@@ -156,6 +167,7 @@ class SentinelCLI(LightningCLI):
             "pruned_heads": gates.pruned_heads(),
             "total_heads": gates.active.numel(),
             "pruned_fraction": gates.sparsity,
+            "scheduled_fraction": self._scheduled_fraction(),
             "checkpoint": last or best,
             "best_checkpoint": best,
         }
@@ -172,6 +184,9 @@ def print_fit_report(report: dict[str, Any]) -> None:
     table.add_row("validation perplexity after", f"{report['val_ppl_after']:.3f}")
     table.add_row("heads pruned", f"{len(report['pruned_heads'])} of {report['total_heads']}")
     table.add_row("pruned fraction", f"{report['pruned_fraction']:.3f}")
+    scheduled = report.get("scheduled_fraction")
+    if scheduled is not None and report["pruned_fraction"] < scheduled - 0.5 / report["total_heads"]:
+        table.add_row("[bold red]scheduled fraction[/]", f"[bold red]{scheduled:.3f}[/] (heads given back)")
     table.add_row("checkpoint", report["checkpoint"] or "(none)")
     if report.get("best_checkpoint") and report["best_checkpoint"] != report["checkpoint"]:
         table.add_row("best checkpoint", report["best_checkpoint"])
