@@ -278,8 +278,7 @@ class HeadPruning(L.Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # epoch keys reached: the epochs whose end ran (current_epoch counts them); step keys: global_step
-        reached = trainer.current_epoch - 1 if self.interval == "epoch" else trainer.global_step
+        reached = self.reached_index(trainer)
         missed = self._scheduled_after(reached)
         if missed:
             rank_zero_warn(
@@ -287,6 +286,10 @@ class HeadPruning(L.Callback):
                 f"the scheduled {self._describe(missed)}; {self._gates.sparsity:.3f} of the heads are pruned."
             )
         self._warn_if_below_schedule(reached)
+
+    def reached_index(self, trainer: L.Trainer) -> int:
+        """The last ``interval`` index the run has reached: the last epoch whose end ran, or ``global_step``."""
+        return trainer.current_epoch - 1 if self.interval == "epoch" else trainer.global_step
 
     def last_target(self, reached: int) -> tuple[int, float, int] | None:
         """The latest schedule entry at or before the ``interval`` index ``reached``: ``(index, target, heads)``,

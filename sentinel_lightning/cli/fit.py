@@ -151,8 +151,7 @@ class SentinelCLI(LightningCLI):
         pruning = next((c for c in self.trainer.callbacks if isinstance(c, HeadPruning)), None)
         if pruning is None:
             return None
-        reached = self.trainer.current_epoch - 1 if pruning.interval == "epoch" else self.trainer.global_step
-        entry = pruning.last_target(reached)
+        entry = pruning.last_target(pruning.reached_index(self.trainer))
         return 0.0 if entry is None else entry[2] / find_gates(self.model).active.numel()
 
     def after_fit(self) -> None:
