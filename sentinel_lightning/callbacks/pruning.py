@@ -315,7 +315,8 @@ class HeadPruning(L.Callback):
             rank_zero_warn(
                 f"HeadPruning: the run ends with {pruned} of {total} query heads pruned, fewer than the {expected} "
                 f"of the target {target} scheduled at {self.interval} {key}: heads given back by HeadReactivation "
-                "were not pruned again (no later schedule entry). The model handed over is that less pruned one; "
+                "that no later schedule entry pruned again, or too few prunable heads at that event. The model "
+                "handed over is that less pruned one; "
                 "prune later or make HeadReactivation more patient (patience, tolerance) to keep the target."
             )
 

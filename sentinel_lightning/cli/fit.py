@@ -40,6 +40,7 @@ from sentinel_lightning.callbacks import (
 from sentinel_lightning.callbacks.pruning import check_schedule
 from sentinel_lightning.cli.configs import resolve_config_arguments
 from sentinel_lightning.data import LanguageModelingDataModule
+from sentinel_lightning.events import find_callback
 from sentinel_lightning.gates import find_gates
 from sentinel_lightning.module import GatedLanguageModel
 
@@ -148,7 +149,7 @@ class SentinelCLI(LightningCLI):
     def _scheduled_fraction(self) -> float | None:
         """The share of heads the latest target the pruning schedule reached prunes (None without a
         ``HeadPruning``)."""
-        pruning = next((c for c in self.trainer.callbacks if isinstance(c, HeadPruning)), None)
+        pruning = find_callback(self.trainer, HeadPruning)
         if pruning is None:
             return None
         entry = pruning.last_target(pruning.reached_index(self.trainer))
