@@ -85,6 +85,9 @@ LORA = ('--model.lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"
 DENSE = ("--pruning.schedule={}",)
 EPOCH_1 = "--pruning.schedule={1: 0.3333}"
 PATIENCE_3 = "--reactivation.patience=3"
+# The 15 layers whose cheapest group costs least lose it after epoch 0, the other 15 after epoch 1: the same uniform
+# shape in two steps, each half the regression of one.
+TWO_UNIFORM_STEPS = "--pruning.schedule={0: 0.1667, 1: 0.3333}"
 # One query head in nine pruned per layer after epoch 0, then three key/value heads merged into two (8 query heads
 # in two groups of 4: a uniform layout).
 MERGED = ("--pruning.unit=head", "--pruning.scope=layer", "--pruning.schedule={0: 0.1111}",
@@ -126,6 +129,11 @@ RECIPES = {
         (EPOCH_1, PATIENCE_3)),
     "default, pruned after epoch 1, patience 3, seed 1": Recipe(
         "group", "uniform", "the same, seed 1", (EPOCH_1, PATIENCE_3), SEED_1, " seed 1"),
+    "default in two steps": Recipe(
+        "group", "uniform", "the same shape in two steps: half the layers after epoch 0, the others after epoch 1",
+        (TWO_UNIFORM_STEPS,)),
+    "default in two steps, seed 1": Recipe("group", "uniform", "the same, seed 1", (TWO_UNIFORM_STEPS,), SEED_1,
+                                           " seed 1"),
     "dense lr 1e-3": Recipe("none", "", "fine-tune only", DENSE, LEARNING_RATE_1E3, " lr 1e-3"),
     "default lr 1e-3": Recipe("group", "uniform", "the job at learning rate 1e-3", (), LEARNING_RATE_1E3,
                               " lr 1e-3"),

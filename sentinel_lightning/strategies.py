@@ -219,13 +219,20 @@ def prunable_per_layer(num_heads: int, unit: str, scope: str, group_size: int, m
     return step * ((num_heads - minimum) // step)
 
 
-def reachable_count(goal: float, num_layers: int, num_heads: int, unit: str, scope: str, group_size: int) -> int:
+def reachable_count(
+    goal: float, num_layers: int, num_heads: int, unit: str, scope: str, group_size: int, final: bool = True
+) -> int:
     """The number of pruned query heads nearest ``goal`` that whole units reach, ties rounding up.
 
     Whole units reach multiples of the unit size; ``scope="uniform"`` reaches multiples of ``num_layers`` times
-    ``pruning_step``. The per-layer minimum is not applied here (see ``prunable_per_layer``).
+    ``pruning_step``, except for a target before the schedule's last (``final=False``), which may lie between two
+    uniform shapes and reaches multiples of the unit size. The per-layer minimum is not applied here (see
+    ``prunable_per_layer``).
     """
-    granule = pruning_step(unit, scope, num_heads, group_size) * (num_layers if scope == "uniform" else 1)
+    if scope == "uniform" and final:
+        granule = pruning_step(unit, scope, num_heads, group_size) * num_layers
+    else:
+        granule = unit_size(unit, num_heads, group_size)
     return granule * math.floor(goal / granule + 0.5 + _TIE)
 
 
@@ -300,26 +307,37 @@ def _select_per_layer(units: list[Unit], remaining: list[int], count: int, minim
 
 
 def _select_uniform(
-    units: list[Unit], active: torch.Tensor, count: int, minimum: int, unit: str, group_size: int
+    units: list[Unit], active: torch.Tensor, count: int, minimum: int, unit: str, group_size: int, final: bool
 ) -> list[Unit]:
     """Prunes every block (``_block_size``) of every layer up to the same number of pruned units.
 
     The number is the one whose uniform shape is nearest the already pruned heads plus ``count`` (ties round up),
     at most what ``minimum`` allows. Blocks that already have that many pruned units (whole units without an
-    active head) take nothing; the others take their highest-scoring candidates.
+    active head) take nothing; the others take their highest-scoring candidates. Before the schedule's last
+    target (``final=False``) the total may lie between two uniform shapes: every block reaches the lower one and
+    the blocks whose next candidate scores highest take one unit more, so that the cheapest blocks go first and
+    no block gets ahead of the others by more than one unit.
     """
     num_layers, num_heads = active.shape
     size, block = unit_size(unit, num_heads, group_size), _block_size(unit, num_heads, group_size)
     step = pruning_step(unit, "uniform", num_heads, group_size)
-    goal = reachable_count(int((~active).sum()) + count, num_layers, num_heads, unit, "uniform", group_size)
-    per_block = min(goal // num_layers, prunable_per_layer(num_heads, unit, "uniform", group_size, minimum)) // step
+    pruned = int((~active).sum())
+    goal = reachable_count(pruned + count, num_layers, num_heads, unit, "uniform", group_size, final)
+    most = prunable_per_layer(num_heads, unit, "uniform", group_size, minimum) // step  # units per block
+    per_block = min(goal // (num_layers * step), most)
     pruned_units = (~active.cpu()).reshape(num_layers, num_heads // block, block // size, size).all(dim=3).sum(dim=2)
     queues: dict[tuple[int, int], list[Unit]] = {}
     for candidate in units:  # in score order
         queues.setdefault((candidate.layer, candidate.heads[0] // block), []).append(candidate)
-    chosen = []
+    chosen, ahead = [], []
     for (layer, index), queue in sorted(queues.items()):
-        chosen += queue[: max(0, per_block - int(pruned_units[layer, index]))]
+        taken = max(0, per_block - int(pruned_units[layer, index]))
+        chosen += queue[:taken]
+        if per_block < most and int(pruned_units[layer, index]) <= per_block and len(queue) > taken:
+            ahead.append(queue[taken])  # the block's candidate for one unit more
+    extra = (goal - per_block * num_layers * step) // size - int((pruned_units > per_block).sum())
+    if extra > 0:
+        chosen += sorted(ahead, key=lambda candidate: (-candidate.score, candidate.layer, candidate.heads[0]))[:extra]
     return chosen
 
 
@@ -332,6 +350,7 @@ def select_heads(
     protected: torch.Tensor | None = None,
     unit: str = "head",
     group_size: int = 1,
+    final: bool = True,
 ) -> list[tuple[int, int]]:
     """Chooses about ``count`` active query heads to prune, in whole units, highest score first.
 
@@ -347,13 +366,16 @@ def select_heads(
             ``pruning_step``): ``unit="head"`` takes the same number of heads from every key/value group of
             every layer (from every layer without grouped-query attention), ``unit="group"`` the same number of
             groups from every layer. Its total is the uniform one nearest the pruned heads plus ``count``, and
-            blocks that have fewer pruned units (e.g. after reactivation) catch up.
+            blocks that have fewer pruned units (e.g. after reactivation) catch up; with ``final=False`` it may
+            lie between two uniform shapes (see ``_select_uniform``).
         min_active_heads_per_layer: No layer is left with fewer active query heads; None means 1 (0 for
             ``unit="layer"``, which allows only 0). With ``unit="group"`` a layer keeps ``ceil(min / G)`` groups.
         protected: Bool ``[num_layers, num_heads]`` of heads that must not be pruned, or None.
         unit: ``"head"``, ``"group"`` (a key/value head and the ``G`` query heads that read it: heads
             ``[k * G, (k + 1) * G)``) or ``"layer"`` (all heads of a layer; only with ``scope="global"``).
         group_size: ``G``, query heads per key/value head (1 without grouped-query attention).
+        final: ``scope="uniform"`` only: False for a schedule target before the last, which is reached in whole
+            units rather than whole uniform shapes, the blocks with the highest-scoring units one unit ahead.
 
     Returns:
         ``(layer, head)`` pairs, unit by unit in the order they were chosen; a unit with a protected or
@@ -367,7 +389,7 @@ def select_heads(
         raise ValueError(f"group_size={group_size!r} must be a positive divisor of num_heads={num_heads}.")
     units = _candidate_units(scores.detach().float().cpu(), active, protected, unit_size(unit, num_heads, group_size))
     if scope == "uniform":
-        chosen = _select_uniform(units, active, count, minimum, unit, group_size)
+        chosen = _select_uniform(units, active, count, minimum, unit, group_size, final)
     else:
         select = _select_global if scope == "global" else _select_per_layer
         chosen = select(units, active.cpu().sum(dim=1).tolist(), count, minimum)

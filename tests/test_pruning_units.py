@@ -72,6 +72,15 @@ def test_uniform_scope_keeps_every_layer_and_group_the_same_over_two_events(unit
     assert torch.all(masks[1] <= masks[0])  # the second event continued from the first one's shape
 
 
+def test_a_two_step_schedule_reaches_its_uniform_shape_through_an_unequal_one(recwarn):
+    model = tiny_model("llama", num_heads=8, num_kv_heads=4)  # 2 layers of 4 groups of 2 heads
+    pruning = HeadPruning("gradient", {0: 0.125, 1: 0.25}, scope="uniform", unit="group")
+    _, masks = fit(pruning, epochs=2, model=model)
+    assert sorted(masks[0].sum(dim=1).tolist()) == [6, 8]  # one group of one layer: the cheaper one first
+    assert uniform_shape(masks[1], 2) == (3, 2)  # then one group of the other
+    assert not [str(w.message) for w in recwarn if "HeadPruning" in str(w.message)]  # a planned step, no warning
+
+
 def test_uniform_scope_re_evens_after_reactivation_gave_heads_back():
     model = tiny_model("llama", num_heads=8, num_kv_heads=2)
     module = ScriptedPerplexity([10.0, 20.0], model=model, learning_rate=1e-3)

@@ -202,6 +202,29 @@ def test_uniform_scope_continues_from_the_shape_there_and_re_evens_after_reactiv
     assert uniform_shape(without(active, refill), 4) == (2, 2)
 
 
+def test_a_uniform_shape_reached_in_steps_prunes_the_cheapest_layers_first():
+    # 4 layers of 3 groups of 2 heads: the uniform shape one step away prunes a group of every layer (8 heads).
+    scores = torch.tensor([[1.0, 1.0, 9.0, 9.0, 2.0, 2.0],  # layer 0's best group scores 9
+                           [1.0, 1.0, 2.0, 2.0, 3.0, 3.0],  # 3
+                           [8.0, 8.0, 1.0, 1.0, 2.5, 2.5],  # 8, then 2.5
+                           [4.0, 4.0, 1.0, 1.0, 2.0, 2.0]])  # 4
+    active = torch.ones(4, 6, dtype=torch.bool)
+    assert len(select_heads(scores, active, 4, scope="uniform", unit="group", group_size=2)) == 8  # rounds up
+    first = select_heads(scores, active, 4, scope="uniform", unit="group", group_size=2, final=False)
+    assert first == [(0, 2), (0, 3), (2, 0), (2, 1)]  # the two layers whose best groups score highest
+    active = without(active, first)
+    assert uniform_shape(active, 2) is None
+    second = select_heads(scores, active, 4, scope="uniform", unit="group", group_size=2)
+    assert second == [(1, 4), (1, 5), (3, 0), (3, 1)]  # the others catch up; the first two take nothing
+    assert uniform_shape(without(active, second), 2) == (2, 2)
+    # Between two shapes no layer gets two units ahead: 6 groups over 4 layers are one each, and a second one in
+    # the layers whose next group scores highest (layer 2's 2.5, then layer 0 of those tied at 2).
+    active = torch.ones(4, 6, dtype=torch.bool)
+    both = select_heads(scores, active, 12, scope="uniform", unit="group", group_size=2, final=False)
+    assert (~without(active, both)).reshape(4, 3, 2).all(dim=2).sum(dim=1).tolist() == [2, 1, 2, 1]
+    assert reachable_count(5.0, 4, 6, "group", "uniform", 2, final=False) == 6  # whole groups, not whole shapes
+
+
 def test_uniform_scope_respects_the_minimum_and_uniform_shape_spots_differences():
     scores = torch.arange(12.0).reshape(2, 6)
     active = torch.ones(2, 6, dtype=torch.bool)

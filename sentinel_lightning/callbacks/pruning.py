@@ -116,7 +116,8 @@ class HeadPruning(L.Callback):
         schedule: ``{epoch (or step): fraction of all heads pruned after it}``, non-decreasing in [0, 1), or a
             callable of the index returning a fraction or None; unreachable keys are warned about.
         scope: ``"global"`` (rank every unit together), ``"layer"`` (evenly over the layers) or ``"uniform"``
-            (every layer and group the same shape, so that the plain config describes the compacted model).
+            (every layer and group the same shape, so that the plain config describes the compacted model; a
+            target before the schedule's last may lie between two shapes, the layers with the cheapest units first).
         min_active_heads_per_layer: The fewest active query heads a layer keeps; None: 1 (0 for ``unit="layer"``).
         seed: Seed of the ``"random"`` strategy.
         monitor: Logged metric whose value each pruning event records (and ``HeadReactivation`` compares with).
@@ -212,11 +213,17 @@ class HeadPruning(L.Callback):
             head_metrics.require_output_second_moment()
             gates.enable_linear_compensation()
 
+    def _final(self, target: float) -> bool:
+        """Whether ``target`` is the schedule's last (every target of a callable schedule counts as the last):
+        under ``scope="uniform"`` only earlier ones may lie between two uniform shapes."""
+        return callable(self.schedule) or target >= self.schedule[max(self.schedule)]
+
     def _reachable(self, target: float) -> int:
         """The number of pruned query heads nearest ``target`` that whole units (and the scope's shape) reach."""
         gates = self._gates
         goal = target * gates.num_layers * gates.num_heads
-        return reachable_count(goal, gates.num_layers, gates.num_heads, self.unit, self.scope, self.group_size)
+        return reachable_count(goal, gates.num_layers, gates.num_heads, self.unit, self.scope, self.group_size,
+                               self._final(target))
 
     def _check_reachable(self, target: float, epoch: int) -> None:
         """Fails when the rounded ``target`` needs more heads than the unit, scope and per-layer minimum allow."""
@@ -239,8 +246,11 @@ class HeadPruning(L.Callback):
         gates = self._gates
         total = gates.num_layers * gates.num_heads
         if abs(reached - target * total) > 0.5 + 1e-9:
-            step = pruning_step(self.unit, self.scope, gates.num_heads, self.group_size)
-            shape = f"{step} heads per layer in every layer" if self.scope == "uniform" else f"units of {step} heads"
+            if self.scope == "uniform" and self._final(target):
+                step = pruning_step(self.unit, self.scope, gates.num_heads, self.group_size)
+                shape = f"{step} heads per layer in every layer"
+            else:
+                shape = f"units of {unit_size(self.unit, gates.num_heads, self.group_size)} heads"
             rank_zero_warn(
                 f"HeadPruning(unit={self.unit!r}, scope={self.scope!r}) at {when}: target {target} "
                 f"({target * total:g} of {total} query heads) rounds to {reached / total:.4g} ({reached} heads), the "
@@ -256,7 +266,7 @@ class HeadPruning(L.Callback):
                 f"{len(heads)} had finite scores and were neither protected nor needed for the per-layer minimum "
                 f"(unit={self.unit!r}, scope={self.scope!r})."
             )
-        if self.scope == "uniform" and uniform_shape(gates.active, self.group_size) is None:
+        if self.scope == "uniform" and self._final(target) and uniform_shape(gates.active, self.group_size) is None:
             rank_zero_warn(
                 f"HeadPruning(scope='uniform') at {when}: the pruned model is not uniform (active query heads "
                 f"per layer: {gates.active.sum(dim=1).tolist()}): heads given back by HeadReactivation are protected "
@@ -407,7 +417,7 @@ class HeadPruning(L.Callback):
                                                 mean_output)
         heads = select_heads(
             self.score(metrics), gates.active, count, self.scope, self.min_active_heads_per_layer,
-            gates.protected(epoch), self.unit, self.group_size,
+            gates.protected(epoch), self.unit, self.group_size, self._final(target),
         )
         heads = trainer.strategy.broadcast(heads, src=0)  # one decision for every rank
         if heads:
