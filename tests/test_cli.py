@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import assert_job_defaults
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sentinel_lightning import GatedLanguageModel, LanguageModelingDataModule, load_pruned
 from sentinel_lightning.callbacks import DivergenceGuard, GateMonitor, HeadMetrics, HeadPruning, HeadReactivation
+from sentinel_lightning.checkpoint_io import StreamingCheckpointIO
 from sentinel_lightning.cli import main
 from sentinel_lightning.cli.configs import packaged_configs, resolve_config
 from sentinel_lightning.cli.fit import JOB_DEFAULTS, SEED, TRAINER_DEFAULTS, SentinelCLI, print_fit_report
@@ -151,3 +153,17 @@ def test_the_job_defaults_come_from_one_place(capsys):
         JOB_DEFAULTS
     )
     assert _printed_in_process(capsys, "--config", "default.yaml") == printed
+
+
+def job_trainer(tmp_path, model_dir, *options):
+    config = write_config(tmp_path, model_dir)
+    cli = SentinelCLI(GatedLanguageModel, LanguageModelingDataModule, run=False,
+                      args=["--config", str(config), *options])
+    return cli.trainer
+
+
+def test_the_job_streams_its_checkpoints_unless_given_a_checkpoint_io(tmp_path, tiny_model_dir):
+    assert isinstance(job_trainer(tmp_path, tiny_model_dir).strategy.checkpoint_io, StreamingCheckpointIO)
+    own = "lightning.fabric.plugins.io.torch_io.TorchCheckpointIO"
+    trainer = job_trainer(tmp_path, tiny_model_dir, f"--trainer.plugins={own}")
+    assert type(trainer.strategy.checkpoint_io) is TorchCheckpointIO

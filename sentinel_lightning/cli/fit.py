@@ -38,6 +38,7 @@ from sentinel_lightning.callbacks import (
     KeyValueMerging,
 )
 from sentinel_lightning.callbacks.pruning import check_schedule
+from sentinel_lightning.checkpoint_io import StreamingCheckpointIO
 from sentinel_lightning.cli.configs import resolve_config_arguments
 from sentinel_lightning.data import LanguageModelingDataModule
 from sentinel_lightning.events import find_callback
@@ -121,8 +122,9 @@ class SentinelCLI(LightningCLI):
         parser.set_defaults(JOB_DEFAULTS)
 
     def before_instantiate_classes(self) -> None:
-        """The data's tokenizer defaults to the model's own, progress shows in a rich progress bar, and the job
-        keeps its last and its best checkpoint (``CHECKPOINT``) unless given a ``ModelCheckpoint`` of its own."""
+        """The data's tokenizer defaults to the model's own, progress shows in a rich progress bar, the job keeps
+        its last and its best checkpoint (``CHECKPOINT``) unless given a ``ModelCheckpoint`` of its own, and writes
+        them with ``StreamingCheckpointIO`` unless given a ``CheckpointIO`` of its own."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         if isinstance(config.pruning.schedule, Mapping):  # keys come as written (1.5, "x"): refused here by name
             schedule, interval = config.pruning.schedule, config.pruning.interval
@@ -138,6 +140,11 @@ class SentinelCLI(LightningCLI):
             class_path = f"{ModelCheckpoint.__module__}.ModelCheckpoint"
             callbacks.append(Namespace(class_path=class_path, init_args=Namespace(**BEST_CHECKPOINT)))
         config.trainer.callbacks = callbacks
+        plugins = config.trainer.plugins or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any("CheckpointIO" in str(p) for p in plugins) and "checkpoint_io" not in str(config.trainer.strategy):
+            plugins.append(Namespace(class_path=f"{StreamingCheckpointIO.__module__}.StreamingCheckpointIO"))
+        config.trainer.plugins = plugins
 
     def _validation_perplexity(self) -> float:
         results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
