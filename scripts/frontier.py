@@ -83,6 +83,8 @@ DISTILLED = ("--model.distillation=0.5", "--model.distillation_teacher=before_pr
 # LoRA on every linear layer but the head, at LoRA's usual learning rate (only the adapters and the gates train).
 LORA = ('--model.lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}', "--model.learning_rate=0.001")
 DENSE = ("--pruning.schedule={}",)
+# One training batch more per epoch: what the job's streamed checkpoints leave room for within its 10 minutes.
+SEVEN_BATCHES = ("--trainer.limit_train_batches=7",)
 EPOCH_1 = "--pruning.schedule={1: 0.3333}"
 PATIENCE_3 = "--reactivation.patience=3"
 # The 15 layers whose cheapest group costs least lose it after epoch 0, the other 15 after epoch 1: the same uniform
@@ -134,6 +136,9 @@ RECIPES = {
         (TWO_UNIFORM_STEPS,)),
     "default in two steps, seed 1": Recipe("group", "uniform", "the same, seed 1", (TWO_UNIFORM_STEPS,), SEED_1,
                                            " seed 1"),
+    "dense 7 batches": Recipe("none", "", "fine-tune only", DENSE, SEVEN_BATCHES, " 7 batches"),
+    "default 7 batches": Recipe("group", "uniform", "the job with 7 training batches an epoch", (), SEVEN_BATCHES,
+                                " 7 batches"),
     "dense lr 1e-3": Recipe("none", "", "fine-tune only", DENSE, LEARNING_RATE_1E3, " lr 1e-3"),
     "default lr 1e-3": Recipe("group", "uniform", "the job at learning rate 1e-3", (), LEARNING_RATE_1E3,
                               " lr 1e-3"),

@@ -59,6 +59,10 @@ def main() -> None:
         },
         os.path.join(args.out, f"rank{trainer.global_rank}.pt"),
     )
+    # Every rank ends its process group before the interpreter exits: a loaded machine once aborted a rank at exit
+    # ("terminate called without an active exception") with the group's threads still alive.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
