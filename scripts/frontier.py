@@ -78,6 +78,7 @@ LEARNING_RATE_3E4 = ("--model.learning_rate=0.0003",)  # the job's learning rate
 LEARNING_RATE_8E4 = ("--model.learning_rate=0.0008",)
 LEARNING_RATE_1E3 = ("--model.learning_rate=0.001",)
 SEED_1 = ("--seed_everything=1", "--data.seed=1")  # another order of the training blocks
+SEED_2 = ("--seed_everything=2", "--data.seed=2")  # a third
 FOUR_EPOCHS = ("--trainer.max_epochs=4", *LEARNING_RATE_3E4)  # the job's budget until 2026-12-02
 DISTILLED = ("--model.distillation=0.5", "--model.distillation_teacher=before_pruning")
 # LoRA on every linear layer but the head, at LoRA's usual learning rate (only the adapters and the gates train).
@@ -124,6 +125,8 @@ RECIPES = {
                               " lr 8e-4"),
     "dense seed 1": Recipe("none", "", "fine-tune only", DENSE, SEED_1, " seed 1"),
     "default seed 1": Recipe("group", "uniform", "the job, seed 1", (), SEED_1, " seed 1"),
+    "dense seed 2": Recipe("none", "", "fine-tune only", DENSE, SEED_2, " seed 2"),
+    "default seed 2": Recipe("group", "uniform", "the job, seed 2", (), SEED_2, " seed 2"),
     "default, pruned after epoch 1, seed 1": Recipe("group", "uniform", "the same, pruned after epoch 1, seed 1",
                                                     (EPOCH_1,), SEED_1, " seed 1"),
     "default, pruned after epoch 1, patience 3": Recipe(
