@@ -2,12 +2,13 @@
 
 Lightning 2.6's ``TorchCheckpointIO`` serialises every checkpoint into an in-memory buffer and then copies the
 buffer to the file, so a full fine-tune's checkpoint (weights plus Adam's two moments: 1.6 GB for a 135M model)
-is held, grown and copied in memory before it reaches the disk: 10-17 s a write on this project's 2-core machine,
-against 3-6 s streamed (docs/speed.md, "Checkpoint writes"), and the job writes one or two per epoch. Lightning's
-main branch streams local saves since July 2026 (pull request 21824); until a release carries it, this plugin does
-the same. A reader never sees a partial file: the checkpoint is written to a temporary file beside its target and
-renamed over it (atomic on POSIX); a failed write leaves the previous file as it was. Remote paths (``s3://``...)
-go through Lightning's own path.
+is held, grown and copied in memory before it reaches the disk, several times slower than streaming it
+(docs/speed.md, "Checkpoint writes"); the job writes one or two per epoch. Lightning's main branch streams local
+saves since July 2026 (pull request 21824); until a release carries it, this plugin does the same.
+
+A reader never sees a partial file: the checkpoint is written to a temporary file beside its target and renamed
+over it (atomic on POSIX); a failed write leaves the previous file as it was. Remote paths (``s3://``...) go
+through Lightning's own path.
 """
 
 from __future__ import annotations
