@@ -167,3 +167,7 @@ def test_the_job_streams_its_checkpoints_unless_given_a_checkpoint_io(tmp_path, 
     own = "lightning.fabric.plugins.io.torch_io.TorchCheckpointIO"
     trainer = job_trainer(tmp_path, tiny_model_dir, f"--trainer.plugins={own}")
     assert type(trainer.strategy.checkpoint_io) is TorchCheckpointIO
+    other = "lightning.fabric.plugins.environments.LightningEnvironment"  # a plugin that is no CheckpointIO
+    trainer = job_trainer(tmp_path, tiny_model_dir, f"--trainer.plugins={other}")
+    assert isinstance(trainer.strategy.checkpoint_io, StreamingCheckpointIO)
+    assert type(trainer._accelerator_connector.cluster_environment).__name__ == "LightningEnvironment"
