@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from sentinel_lightning import GatedLanguageModel
 from sentinel_lightning.checkpoint_io import StreamingCheckpointIO
@@ -78,20 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def stored_bytes(checkpoint: dict) -> int:
     """The bytes of the tensors a checkpoint stores, each storage once (tied weights share one)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(checkpoint)}
+    storages: dict[int, int] = {}
+    apply_to_collection(checkpoint, torch.Tensor, lambda t: storages.setdefault(
+        t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
     return sum(storages.values())
-
-
-def _tensors(value):
-    """Every tensor inside a nested checkpoint."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
 
 
 def markdown(result: dict) -> str:
