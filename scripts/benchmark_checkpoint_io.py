@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-dir", default="pruning_results")
     parser.add_argument("--quick", action="store_true", help="a tiny model, for the tests")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give at least 1 round")
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     module = GatedLanguageModel(tiny_model("llama") if args.quick else None)

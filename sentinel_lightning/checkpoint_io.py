@@ -17,9 +17,9 @@ import os
 from typing import Any
 
 import torch
+from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from typing_extensions import override
 
@@ -29,14 +29,15 @@ class StreamingCheckpointIO(TorchCheckpointIO):
     buffering them in memory; loading and remote saves are Lightning's own.
 
     Use it in any Trainer: ``L.Trainer(plugins=[StreamingCheckpointIO()])`` (``sentinel-lightning fit`` does,
-    unless ``--trainer.plugins`` is given).
+    unless ``--trainer.plugins`` names a ``CheckpointIO`` of its own).
     """
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+        filesystem, local_path = url_to_fs(str(path))  # "file://..." and plain paths alike, as Lightning reads them
+        if storage_options is not None or not isinstance(filesystem, LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = os.fspath(path)
+        path = local_path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         temporary = f"{path}.{os.getpid()}.tmp"  # beside the target: the rename stays on one filesystem
         try:

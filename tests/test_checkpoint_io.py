@@ -51,6 +51,12 @@ class Unpicklable:
         raise pickle.PicklingError("not this one")
 
 
+def test_a_file_url_is_written_where_it_points(tmp_path):
+    StreamingCheckpointIO().save_checkpoint(checkpoint(1), f"file://{tmp_path}/url.ckpt")
+    assert StreamingCheckpointIO().load_checkpoint(tmp_path / "url.ckpt")["epoch"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["url.ckpt"]
+
+
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
     StreamingCheckpointIO().save_checkpoint(checkpoint(1), path)
