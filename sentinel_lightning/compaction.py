@@ -184,6 +184,14 @@ def compact(model: nn.Module) -> PreTrainedModel:
             f"The gates are [{gates.num_layers}, {gates.num_heads}] but the model has {num_layers} layers of "
             f"{num_heads} heads; attach the gates to this model with attach_gates."
         )
+    if gates.fading.any():
+        fading = gates.fading.nonzero().tolist()
+        raise ValueError(
+            f"{len(fading)} pruned head(s) still write part of their output while they fade out (HeadGates.fading "
+            f"> 0 at (layer, head) {[tuple(pair) for pair in fading[:4]]}...): the model that computes these logits "
+            "is not the pruned one yet. Train the rest of HeadPruning's fade_steps, or call gates.fading.zero_() to "
+            "compact the fully pruned model."
+        )
     active = gates.active.detach().cpu().clone()  # [L, H]
     values = gates.values.detach().cpu().clone()  # [L, H]
     compensation = gates.compensation.detach().cpu().double()  # [L, H, D]

@@ -35,6 +35,11 @@ class HeadGates(nn.Module):
             ``[num_layers, num_heads]``; reactivation by importance ranks pruned heads by it.
         protected_until: The last epoch at whose end each head must not be pruned (-1: none),
             ``[num_layers, num_heads]``; reactivation protects the heads it gives back.
+        fading: The share of its own output a pruned head still writes while it fades out, ``[num_layers,
+            num_heads]`` in [0, 1] (0 for every active head and every fully pruned one). ``HeadPruning(fade_steps=n)``
+            sets it to 1 for the heads it prunes and lowers it by ``1 / n`` every optimizer step: a fading head
+            writes ``fading * values * o + (1 - fading) * compensation``. ``compaction.compact`` refuses a model
+            with a head still fading.
         compensation: What a pruned head writes in place of its output, ``[num_layers, num_heads, head_dim]``
             (zeros: a pruned head writes nothing). ``HeadPruning(compensate="mean")`` sets it to the head's mean
             output (FLAP's bias compensation) and ``compaction.compact`` folds it into the output projection's
@@ -66,6 +71,7 @@ class HeadGates(nn.Module):
         self.register_buffer("values_before_pruning", torch.ones(num_layers, num_heads))
         self.register_buffer("importance_at_pruning", torch.full((num_layers, num_heads), float("nan")))
         self.register_buffer("protected_until", torch.full((num_layers, num_heads), -1, dtype=torch.long))
+        self.register_buffer("fading", torch.zeros(num_layers, num_heads))
         self.register_buffer("compensation", torch.zeros(num_layers, num_heads, head_dim))
         self.register_buffer("reconstruction", None)  # created by enable_linear_compensation (or a loaded state)
         self.register_buffer("key_value_mix", None)  # created by set_key_value_mix (or a loaded state)
@@ -77,6 +83,7 @@ class HeadGates(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Checkpoints written before ``compensation`` existed load with zeros (pruned heads wrote nothing then).
         state_dict.setdefault(f"{prefix}compensation", torch.zeros_like(self.compensation))
+        state_dict.setdefault(f"{prefix}fading", torch.zeros_like(self.fading))  # so did checkpoints before fading
         for name in ("reconstruction", "key_value_mix"):  # created lazily: a state that has them brings them
             saved = state_dict.get(f"{prefix}{name}")
             if saved is not None and getattr(self, name) is None:
@@ -208,6 +215,7 @@ class HeadGates(nn.Module):
             if not self.active[layer, head]:
                 self.values[layer, head] = self.values_before_pruning[layer, head]
                 self.active[layer, head] = True
+                self.fading[layer, head] = 0.0
                 if self.reconstruction is not None:
                     self.reconstruction[layer, head] = 0.0
 
@@ -256,6 +264,8 @@ class _GateHook:
     ``o[..., h, :] * values[l, h]`` while the head is active and ``compensation[l, h]`` while it is pruned
     (computed as ``o * (values * active) + compensation * ~active``: with zero compensation, exactly zero),
     plus, with linear compensation, ``reconstruction[l] @ x`` (``x`` the gated outputs; nonzero at pruned heads).
+    A pruned head still fading out (``fading[l, h] = f > 0``) writes ``f`` of its gated output and ``1 - f`` of
+    what it writes once pruned; its gate value gets no gradient either way.
 
     A callable object rather than a closure so that ``copy.deepcopy`` and pickling keep it pointing at the
     copied model's gates.
@@ -268,14 +278,18 @@ class _GateHook:
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
         hidden, *rest = args  # [batch, seq, num_heads * head_dim]
         active = self.gates.active[self.layer]  # [num_heads]
-        gate = self.gates.values[self.layer] * active  # [num_heads]
-        constant = self.gates.compensation[self.layer] * ~active.unsqueeze(-1)  # [num_heads, head_dim]
+        values = self.gates.values[self.layer]  # [num_heads]
+        fading = self.gates.fading[self.layer]  # [num_heads]: 0 at active heads
+        gate = values * active + values.detach() * fading  # [num_heads]
+        absent = 1.0 - active.to(fading.dtype) - fading  # [num_heads]: the share of its replacement a head writes
+        constant = self.gates.compensation[self.layer] * absent.unsqueeze(-1)  # [num_heads, head_dim]
         heads = hidden.unflatten(-1, (self.gates.num_heads, self.gates.head_dim))  # [batch, seq, H, D]
         gated = (heads * gate.to(hidden.dtype).unsqueeze(-1)).flatten(-2)  # [batch, seq, H * D]
         hidden = gated + constant.to(hidden.dtype).flatten()
         reconstruction = self.gates.reconstruction
-        if reconstruction is not None:
-            hidden = hidden + gated @ reconstruction[self.layer].flatten(0, 1).to(hidden.dtype).T
+        if reconstruction is not None:  # rows of active heads are zero; a fading head's scaled by its absent share
+            rows = reconstruction[self.layer] * absent.view(-1, 1, 1)  # [H, D, H * D]
+            hidden = hidden + gated @ rows.flatten(0, 1).to(hidden.dtype).T
         return (hidden, *rest)
 
 

@@ -44,6 +44,7 @@ DEFAULT_STRATEGY = "gradient"
 INTERVALS = ("epoch", "step")
 Compensation = Literal["none", "mean", "linear"]
 COMPENSATIONS: tuple[Compensation, ...] = ("none", "mean", "linear")
+ABLATE_WITH = ("mean", "compensation")
 
 
 class ScheduleKey(int):
@@ -131,6 +132,13 @@ class HeadPruning(L.Callback):
         calibration_batches: How many of the last training batches (per rank) the ``"ablation"`` strategy
             measures every unit on at a pruning event (``measure.ablation.unit_ablation``: one forward per unit and
             batch); other strategies keep none.
+        ablate_with: What the ``"ablation"`` strategy makes a measured unit's heads write: ``"mean"`` (their mean
+            output, or zero with ``compensate="none"``) or ``"compensation"`` (what ``compensate`` will make them
+            write: with ``"linear"``, the prediction from the layer's other active heads, fitted for each unit).
+        fade_steps: 0: a pruned head writes its compensation from the next step on. ``n > 0``: it fades out over
+            the next ``n`` optimizer steps, writing ``1 - k / n`` of its own output in the ``k``-th
+            (``HeadGates.fading``), so that fine-tuning adapts to its removal gradually; the run must train
+            those steps before its model can be compacted.
     """
 
     def __init__(
@@ -145,6 +153,8 @@ class HeadPruning(L.Callback):
         interval: str = "epoch",
         compensate: Compensation | bool = "none",
         calibration_batches: int = 1,
+        ablate_with: Literal["mean", "compensation"] = "mean",
+        fade_steps: int = 0,
     ) -> None:
         if interval not in INTERVALS:
             raise ValueError(f"interval={interval!r} is not one of {INTERVALS}.")
@@ -170,6 +180,13 @@ class HeadPruning(L.Callback):
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"calibration_batches={calibration_batches!r} must be a positive integer.")
         self.calibration_batches = calibration_batches
+        if ablate_with not in ABLATE_WITH:
+            raise ValueError(f"ablate_with={ablate_with!r} is not one of {ABLATE_WITH}.")
+        self.ablate_with = ablate_with
+        if isinstance(fade_steps, bool) or not isinstance(fade_steps, int) or fade_steps < 0:
+            raise ValueError(f"fade_steps={fade_steps!r} must be a non-negative integer (0: no fading).")
+        self.fade_steps = fade_steps
+        self._faded_to_step = 0  # the optimizer step the fading heads' shares were last lowered for
         self._recent_batches: deque[dict[str, torch.Tensor]] = deque(maxlen=calibration_batches)
         self.events: list[HeadEvent] = []
         self._gates: HeadGates | None = None
@@ -296,6 +313,13 @@ class HeadPruning(L.Callback):
                 f"the scheduled {self._describe(missed)}; {self._gates.sparsity:.3f} of the heads are pruned."
             )
         self._warn_if_below_schedule(reached)
+        fading = int((self._gates.fading > 0).sum())
+        if fading:
+            rank_zero_warn(
+                f"HeadPruning: the run ended at step {trainer.global_step} with {fading} pruned head(s) still fading "
+                f"out (fade_steps={self.fade_steps}); the model is not the pruned one yet, and compact refuses it. "
+                "Train longer after the last pruning or lower fade_steps."
+            )
 
     def reached_index(self, trainer: L.Trainer) -> int:
         """The last ``interval`` index the run has reached: the last epoch whose end ran, or ``global_step``."""
@@ -357,6 +381,17 @@ class HeadPruning(L.Callback):
             self._prune_to_schedule(trainer, pl_module, trainer.current_epoch)
 
     @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        """Lowers every fading head's share by ``1 / fade_steps`` for each optimizer step begun since the last
+        call, so that the ``k``-th step after a pruning trains with ``1 - k / fade_steps`` (0 once it is pruned)."""
+        fading = self._gates.fading
+        upcoming = trainer.global_step + 1  # the optimizer step this batch contributes to
+        if self.fade_steps and upcoming > self._faded_to_step and fading.any():
+            fading.sub_((upcoming - self._faded_to_step) / self.fade_steps).clamp_(min=0.0)
+            fading[fading < 0.5 / self.fade_steps] = 0.0  # what is left of float steps 1/n summed n times
+        self._faded_to_step = max(self._faded_to_step, upcoming)
+
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if needs_ablation(self.score):
             if not (isinstance(batch, Mapping) and "input_ids" in batch):
@@ -413,8 +448,11 @@ class HeadPruning(L.Callback):
                     "the units on."
                 )
             mean_output = metrics.get("output_mean") if self.compensate != "none" else None
+            second_moment = None
+            if self.ablate_with == "compensation" and self.compensate == "linear":
+                second_moment = head_metrics.output_second_moment(range(gates.num_layers))
             metrics["ablation"] = unit_ablation(pl_module, self._recent_batches, self.unit, self.group_size,
-                                                mean_output)
+                                                mean_output, second_moment)
         heads = select_heads(
             self.score(metrics), gates.active, count, self.scope, self.min_active_heads_per_layer,
             gates.protected(epoch), self.unit, self.group_size, self._final(target),
@@ -425,6 +463,10 @@ class HeadPruning(L.Callback):
                 pl_module.on_before_prune(trainer, heads)
             compensation = metrics.get("output_mean") if self.compensate != "none" else None
             self.prune(trainer, gates, heads, metrics.get("grad_norm"), compensation)
+            if self.fade_steps:
+                layers, indices = torch.tensor(heads).T
+                gates.fading[layers, indices] = 1.0
+                self._faded_to_step = trainer.global_step
             if self.compensate == "linear":
                 layers = sorted({layer for layer, _ in heads})
                 metrics["output_second_moment"] = head_metrics.output_second_moment(layers)
@@ -507,9 +549,10 @@ class HeadPruning(L.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"events": [event.to_dict() for event in self.events]}
+        return {"events": [event.to_dict() for event in self.events], "faded_to_step": self._faded_to_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.events = [HeadEvent.from_dict(event) for event in state_dict.get("events", [])]
+        self._faded_to_step = state_dict.get("faded_to_step", 0)
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from sentinel_lightning.gates import find_causal_lm, find_gates
 from sentinel_lightning.losses import causal_lm_nll
+from sentinel_lightning.reconstruction import linear_compensation
 from sentinel_lightning.standalone.families import family_of
 
 
@@ -40,6 +41,7 @@ def unit_ablation(
     unit: str = "head",
     group_size: int = 1,
     compensation: torch.Tensor | None = None,
+    second_moment: Mapping[int, torch.Tensor] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The increase of the mean token loss (nats) when each active unit alone is pruned, for each of its heads.
 
@@ -49,6 +51,11 @@ def unit_ablation(
         unit: ``"head"``, ``"group"`` (``G`` consecutive query heads) or ``"layer"``.
         group_size: ``G``.
         compensation: ``[L, H, D]``: what an ablated head writes (its mean output), or None: nothing.
+        second_moment: None, or each layer's ``[H, D, H * D]`` second moment of the head outputs (a mapping over
+            the layers or ``[L, H, D, H * D]``, as ``HeadMetrics`` keeps them; needs ``compensation``): the
+            ablated unit's heads, and the layer's heads pruned before, then write their linear prediction from the
+            layer's other active heads (``reconstruction.linear_compensation``), as ``HeadPruning(compensate=
+            "linear")`` makes the heads it prunes write.
 
     Returns:
         ``[L, H]``: every active head carries its unit's loss increase; NaN where the unit has no active head
@@ -69,6 +76,12 @@ def unit_ablation(
     # [units + 1, 2]: summed NLL and tokens of the model as it is (row 0) and with each unit pruned.
     totals = torch.zeros(len(units) + 1, 2, dtype=torch.float64)
     saved = (gates.active.clone(), gates.compensation.clone())
+    saved_reconstruction = None if gates.reconstruction is None else gates.reconstruction.clone()
+    if second_moment is not None:
+        if compensation is None:
+            raise ValueError("unit_ablation(second_moment=...) needs the heads' mean outputs as compensation.")
+        gates.enable_linear_compensation()
+        values = torch.where(gates.active, gates.values, gates.values_before_pruning).detach().cpu()  # [L, H]
     was_training = causal_lm.training
     causal_lm.eval()
     try:
@@ -76,16 +89,20 @@ def unit_ablation(
             outputs = _layer_outputs(causal_lm, layers, batch, totals[0])
             for row, (layer, heads) in enumerate(units, start=1):
                 gates.active[layer, heads] = False
-                gates.compensation[layer, heads] = 0.0 if compensation is None else compensation[layer, heads].to(
-                    gates.compensation)
+                if second_moment is not None:
+                    constants, matrix = linear_compensation(
+                        compensation[layer], second_moment[layer], gates.active[layer].cpu(), values[layer]
+                    )
+                    gates.set_linear_compensation(layer, constants, matrix)
+                else:
+                    gates.compensation[layer, heads] = 0.0 if compensation is None else compensation[layer, heads].to(
+                        gates.compensation)
                 with _replayed(layers[:layer], outputs):  # the layers before it compute what they computed
                     nll, tokens = causal_lm_nll(causal_lm, batch)
                 totals[row] += torch.tensor([float(nll), float(tokens)], dtype=torch.float64)
-                gates.active.copy_(saved[0])
-                gates.compensation.copy_(saved[1])
+                _restore(gates, saved, saved_reconstruction, layer)
     finally:
-        gates.active.copy_(saved[0])
-        gates.compensation.copy_(saved[1])
+        _restore(gates, saved, saved_reconstruction)
         causal_lm.train(was_training)
     if dist.is_available() and dist.is_initialized():
         reduced = totals.to(gates.active.device)
@@ -96,6 +113,22 @@ def unit_ablation(
     for (layer, heads), value in zip(units, (loss[1:] - loss[0]).tolist()):
         increase[layer, heads] = value
     return increase
+
+
+def _restore(gates, saved: tuple[torch.Tensor, torch.Tensor], reconstruction: torch.Tensor | None,
+             layer: int | None = None) -> None:
+    """Gives the gates back the ``active`` and ``compensation`` of ``saved``, and the ``reconstruction`` of
+    ``layer`` (every layer when None): None when the gates had no reconstruction before the ablation."""
+    gates.active.copy_(saved[0])
+    gates.compensation.copy_(saved[1])
+    if gates.reconstruction is None:
+        return
+    if layer is not None:
+        gates.reconstruction[layer] = 0.0 if reconstruction is None else reconstruction[layer]
+    elif reconstruction is None:
+        gates.reconstruction = None
+    else:
+        gates.reconstruction.copy_(reconstruction)
 
 
 def _layer_outputs(causal_lm, layers, batch, total: torch.Tensor) -> list:
