@@ -51,3 +51,25 @@ def test_bf16_mixed_keeps_fp64_statistics_and_takes_the_float32_decision():
     computed32, computed16 = metrics32.compute(), metrics16.compute()
     for key, value in computed32.items():  # the same statistics up to the model's bf16 arithmetic
         assert (computed16[key] - value).abs().max() <= 0.05 * value.abs().max()
+
+
+def test_the_ablation_measures_in_the_precision_the_model_trains_in(monkeypatch):
+    """Under bf16-mixed the ablation's forwards run under the trainer's autocast, as its training steps do."""
+    import sentinel_lightning.measure.ablation as ablation
+
+    seen = []
+    measure = ablation.causal_lm_nll
+
+    def spy(model, batch):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return measure(model, batch)
+
+    monkeypatch.setattr(ablation, "causal_lm_nll", spy)
+    for precision, expected in (("bf16-mixed", True), ("32-true", False)):
+        seen.clear()
+        L.seed_everything(0)
+        module = GatedLanguageModel(tiny_model("llama"), learning_rate=1e-3)
+        pruning = HeadPruning("ablation", schedule={0: 0.25}, compensate="mean")
+        tiny_trainer(max_epochs=1, precision=precision, callbacks=[HeadMetrics(), pruning]).fit(module, tiny_data())
+        assert len(seen) == 9 and set(seen) == {expected}  # the model as it is, then each of its 8 heads
+        assert module.gates.num_active == 6

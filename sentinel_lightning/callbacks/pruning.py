@@ -451,8 +451,9 @@ class HeadPruning(L.Callback):
             second_moment = None
             if self.ablate_with == "compensation" and self.compensate == "linear":
                 second_moment = head_metrics.output_second_moment(range(gates.num_layers))
-            metrics["ablation"] = unit_ablation(pl_module, self._recent_batches, self.unit, self.group_size,
-                                                mean_output, second_moment)
+            with trainer.precision_plugin.forward_context():  # measured in the precision the model trains in
+                metrics["ablation"] = unit_ablation(pl_module, self._recent_batches, self.unit, self.group_size,
+                                                    mean_output, second_moment)
         heads = select_heads(
             self.score(metrics), gates.active, count, self.scope, self.min_active_heads_per_layer,
             gates.protected(epoch), self.unit, self.group_size, self._final(target),
