@@ -95,6 +95,13 @@ TWO_UNIFORM_STEPS = "--pruning.schedule={0: 0.1667, 1: 0.3333}"
 # in two groups of 4: a uniform layout).
 MERGED = ("--pruning.unit=head", "--pruning.scope=layer", "--pruning.schedule={0: 0.1111}",
           "--merging.num_key_value_heads=2", "--merging.epoch=1")
+# Mixed precision: the weights and optimizer in float32, the matrix products in bfloat16 (about 1.7x faster training
+# steps on this machine's AVX512-BF16 CPU); validation perplexity is then measured under bf16 autocast too.
+BF16 = ("--trainer.precision=bf16-mixed",)
+# The pruned groups fade out over epoch 1's 6 steps instead of going at once (HeadPruning(fade_steps=6)).
+FADED = "--pruning.fade_steps=6"
+# The ablation measures each group writing what linear compensation will make it write, fitted for that group.
+ABLATED_WITH_COMPENSATION = "--pruning.ablate_with=compensation"
 RECIPES = {
     "dense": Recipe("none", "", "fine-tune only", DENSE),
     "default": Recipe("group", "uniform", "the job: 1/3 after epoch 0 by measured ablation, linear compensation, "
@@ -139,6 +146,31 @@ RECIPES = {
         (TWO_UNIFORM_STEPS,)),
     "default in two steps, seed 1": Recipe("group", "uniform", "the same, seed 1", (TWO_UNIFORM_STEPS,), SEED_1,
                                            " seed 1"),
+    "default, faded over epoch 1": Recipe(
+        "group", "uniform", "the job, the pruned groups fading out over the 6 steps of epoch 1", (FADED,)),
+    "default, faded over epoch 1, seed 1": Recipe(
+        "group", "uniform", "the same, seed 1", (FADED,), SEED_1, " seed 1"),
+    "default, faded over epoch 1, seed 2": Recipe(
+        "group", "uniform", "the same, seed 2", (FADED,), SEED_2, " seed 2"),
+    "default, ablated with its compensation": Recipe(
+        "group", "uniform", "the job, each group measured writing its linear prediction from the layer's other "
+        "heads", (ABLATED_WITH_COMPENSATION,)),
+    "default, ablated with its compensation, seed 1": Recipe(
+        "group", "uniform", "the same, seed 1", (ABLATED_WITH_COMPENSATION,), SEED_1, " seed 1"),
+    "default, ablated with its compensation, seed 2": Recipe(
+        "group", "uniform", "the same, seed 2", (ABLATED_WITH_COMPENSATION,), SEED_2, " seed 2"),
+    "dense bf16": Recipe("none", "", "fine-tune only", DENSE, BF16, " bf16"),
+    "default bf16": Recipe("group", "uniform", "the job in bf16-mixed precision", (), BF16, " bf16"),
+    "dense bf16, seed 1": Recipe("none", "", "fine-tune only", DENSE, (*BF16, *SEED_1), " bf16, seed 1"),
+    "default bf16, seed 1": Recipe("group", "uniform", "the same, seed 1", (), (*BF16, *SEED_1), " bf16, seed 1"),
+    "dense bf16, seed 2": Recipe("none", "", "fine-tune only", DENSE, (*BF16, *SEED_2), " bf16, seed 2"),
+    "default bf16, seed 2": Recipe("group", "uniform", "the same, seed 2", (), (*BF16, *SEED_2), " bf16, seed 2"),
+    "default bf16, faded": Recipe("group", "uniform", "the job in bf16-mixed precision, the pruned groups fading out "
+                                  "over the 6 steps of epoch 1", (FADED,), BF16, " bf16"),
+    "default bf16, faded, seed 1": Recipe("group", "uniform", "the same, seed 1", (FADED,), (*BF16, *SEED_1),
+                                          " bf16, seed 1"),
+    "default bf16, faded, seed 2": Recipe("group", "uniform", "the same, seed 2", (FADED,), (*BF16, *SEED_2),
+                                          " bf16, seed 2"),
     "dense 7 batches": Recipe("none", "", "fine-tune only", DENSE, SEVEN_BATCHES, " 7 batches"),
     "default 7 batches": Recipe("group", "uniform", "the job with 7 training batches an epoch", (), SEVEN_BATCHES,
                                 " 7 batches"),
