@@ -63,7 +63,7 @@ def head_state_bytes(
     Returns:
         ``{state: bytes}``, on the training device unless said otherwise:
 
-        - ``gates``: ``HeadGates``' values, masks and memories ``[L, H]`` and ``compensation`` ``[L, H, D]`` (fp32).
+        - ``gates``: ``HeadGates``' values, masks, memories and fading ``[L, H]`` and ``compensation`` ``[L, H, D]`` (fp32).
         - ``gate_gradient_and_optimizer``: the gates' gradient and, when learned, AdamW's two moments ``[L, H]``.
         - ``reconstruction``: ``HeadGates.reconstruction`` ``[L, H, D, H * D]`` fp32 (linear compensation, from the
           trainer's setup; in every checkpoint).
@@ -98,7 +98,8 @@ def head_state_bytes(
     linear = compensate == "linear"
     products = num_layers * width * width  # L * (H * D)^2 = L * H * D * (H * D)
 
-    gates = heads * (FP32 + 1 + FP32 + FP32 + 8) + heads * head_dim * FP32  # values, active, 2 memories, epoch
+    # values, active, 2 memories, protected-until epoch, fading; compensation
+    gates = heads * (FP32 + 1 + FP32 + FP32 + 8 + FP32) + heads * head_dim * FP32
     states = {
         "gates": gates,
         "gate_gradient_and_optimizer": heads * FP32 * (3 if learn_gates else 1),
