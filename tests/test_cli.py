@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import assert_job_defaults
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -15,6 +16,7 @@ from sentinel_lightning.checkpoint_io import StreamingCheckpointIO
 from sentinel_lightning.cli import main
 from sentinel_lightning.cli.configs import packaged_configs, resolve_config
 from sentinel_lightning.cli.fit import JOB_DEFAULTS, SEED, TRAINER_DEFAULTS, SentinelCLI, print_fit_report
+from sentinel_lightning.cli.precision import job_precision
 from sentinel_lightning.events import find_callback
 from sentinel_lightning.tiny import save_tiny_model
 
@@ -49,6 +51,7 @@ def test_fit_from_a_yaml_config_then_validate_the_checkpoint(tmp_path, tiny_mode
     report = capsys.readouterr().out
     assert "validation perplexity before" in report and "validation perplexity after" in report
     assert "pruned fraction" in report and "0.500" in report
+    assert job_precision(None, "auto")[0] in report  # the precision the job picked on this device
     checkpoints = list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
     events = list(tmp_path.glob("lightning_logs/version_0/events.out.tfevents.*"))
     assert len(checkpoints) == 1 and events
@@ -171,3 +174,36 @@ def test_the_job_streams_its_checkpoints_unless_given_a_checkpoint_io(tmp_path, 
     trainer = job_trainer(tmp_path, tiny_model_dir, f"--trainer.plugins={other}")
     assert isinstance(trainer.strategy.checkpoint_io, StreamingCheckpointIO)
     assert type(trainer._accelerator_connector.cluster_environment).__name__ == "LightningEnvironment"
+
+
+@pytest.fixture
+def bf16_hardware(monkeypatch):
+    """Sets whether this (CPU-only) machine computes bf16 natively: ``bf16_hardware(True)``."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return lambda native: monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+
+
+def test_the_job_runs_in_bf16_where_the_cpu_computes_it_and_in_float32_elsewhere(tmp_path, tiny_model_dir,
+                                                                                 bf16_hardware):
+    for native, precision in ((True, "bf16-mixed"), (False, "32-true")):
+        bf16_hardware(native)
+        assert job_trainer(tmp_path, tiny_model_dir).precision == precision
+        assert job_precision(None, "cpu") == (precision, None)
+    # A given precision is kept; bf16 where it is emulated with a warning that says how to go faster.
+    assert job_trainer(tmp_path, tiny_model_dir, "--trainer.precision=64-true").precision == "64-true"
+    with pytest.warns(UserWarning, match=r"--trainer.precision=bf16-mixed on a CPU without bf16 instructions"):
+        assert job_trainer(tmp_path, tiny_model_dir, "--trainer.precision=bf16-mixed").precision == "bf16-mixed"
+    bf16_hardware(True)
+    assert job_precision("bf16-mixed", "auto") == ("bf16-mixed", None)
+
+
+def test_bf16_on_a_gpu_without_bf16_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    for native, precision in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, native=native: native)
+        assert job_precision(None, "auto") == job_precision(None, "gpu") == (precision, None)
+    with pytest.raises(ValueError, match=r"--trainer.precision=bf16-mixed: this GPU \(Tesla T4\) has no bf16"):
+        job_precision("bf16-mixed", "auto")
+    assert job_precision("16-mixed", "gpu") == ("16-mixed", None)

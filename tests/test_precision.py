@@ -1,9 +1,14 @@
 """``--trainer.precision bf16-mixed`` on CPU: the head statistics are summed in fp32 and kept in fp64 whatever the
-model computes in, and a tiny fine-tune takes the same pruning decision as in float32."""
+model computes in, a tiny fine-tune takes the same pruning decision as in float32, and
+``scripts/benchmark_precision.py`` times both precisions side by side."""
+
+import json
+import statistics
 
 import lightning as L
 import torch
 from conftest import tiny_data, tiny_model, tiny_trainer
+from scripts_loader import load_script
 
 from sentinel_lightning import GatedLanguageModel, HeadMetrics, HeadPruning
 from sentinel_lightning.gates import attach_gates
@@ -73,3 +78,16 @@ def test_the_ablation_measures_in_the_precision_the_model_trains_in(monkeypatch)
         tiny_trainer(max_epochs=1, precision=precision, callbacks=[HeadMetrics(), pruning]).fit(module, tiny_data())
         assert len(seen) == 9 and set(seen) == {expected}  # the model as it is, then each of its 8 heads
         assert module.gates.num_active == 6
+
+
+def test_the_precision_benchmark_times_both_precisions_side_by_side(tmp_path):
+    script = load_script("benchmark_precision")
+    result = script.main(["--quick", "--rounds", "2", "--output-dir", str(tmp_path)])
+    assert json.loads((tmp_path / "precision.json").read_text()) == result
+    assert all(len(times) == 2 for times in (*result["step_seconds"].values(), *result["forward_seconds"].values()))
+    # Each precision really computed as named: bf16 logits under autocast, float32 ones without.
+    assert result["logits_dtype"] == {"32-true": "torch.float32", "bf16-mixed": "torch.bfloat16"}
+    float32, bf16 = result["step_seconds"]["32-true"], result["step_seconds"]["bf16-mixed"]
+    assert result["step_bf16_speedup"] == statistics.median(a / b for a, b in zip(float32, bf16))
+    assert result["job_precision"] == ("bf16-mixed" if result["native_bf16"] else "32-true")
+    assert "| tiny llama | 2 x 32 | training step |" in (tmp_path / "precision.md").read_text()

@@ -25,6 +25,7 @@ import lightning as L
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from rich.console import Console
 from rich.table import Table
 from typing_extensions import override
@@ -40,13 +41,15 @@ from sentinel_lightning.callbacks import (
 from sentinel_lightning.callbacks.pruning import check_schedule
 from sentinel_lightning.checkpoint_io import StreamingCheckpointIO
 from sentinel_lightning.cli.configs import resolve_config_arguments
+from sentinel_lightning.cli.precision import job_precision
 from sentinel_lightning.data import LanguageModelingDataModule
 from sentinel_lightning.events import find_callback
 from sentinel_lightning.gates import find_gates
 from sentinel_lightning.module import GatedLanguageModel
 
 # The job's trainer: a fine-tune-with-pruning run that fits in 10 minutes on a 2-core CPU. Seven epochs: the pruned
-# model recovers with every step it gets after its pruning (docs/results.md, "The frontier").
+# model recovers with every step it gets after its pruning (docs/results.md, "The frontier"). No precision: the job
+# picks bf16-mixed where the device computes bf16 natively, else float32 (``job_precision``).
 TRAINER_DEFAULTS = {
     "max_epochs": 7,
     "limit_train_batches": 6,
@@ -107,7 +110,7 @@ class SentinelCLI(LightningCLI):
 
     After ``fit``, ``report`` holds ``{"val_ppl_before", "val_ppl_after", "pruned_heads" (list of (layer, head)),
     "total_heads", "pruned_fraction", "scheduled_fraction" (the latest target the schedule reached), "checkpoint" (the
-    last), "best_checkpoint"}``; rank zero prints it as a table.
+    last), "best_checkpoint", "precision"}``; rank zero prints it as a table.
     """
 
     report: dict[str, Any] | None = None
@@ -146,6 +149,14 @@ class SentinelCLI(LightningCLI):
             plugins.append(Namespace(class_path=f"{StreamingCheckpointIO.__module__}.StreamingCheckpointIO"))
         config.trainer.plugins = plugins
 
+        given = config.trainer.precision
+        config.trainer.precision, warning = job_precision(given, config.trainer.accelerator)
+        if warning is not None:
+            rank_zero_warn(warning)
+        elif given is None:
+            rank_zero_info(f"sentinel-lightning: precision {config.trainer.precision} (bf16-mixed where this device "
+                           "computes bf16 natively, else 32-true; --trainer.precision sets another)")
+
     def _validation_perplexity(self) -> float:
         results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         return float(results[0]["val_ppl"])
@@ -177,6 +188,7 @@ class SentinelCLI(LightningCLI):
             "scheduled_fraction": self._scheduled_fraction(),
             "checkpoint": last or best,
             "best_checkpoint": best,
+            "precision": str(self.trainer.precision),
         }
         if self.trainer.is_global_zero:
             print_fit_report(self.report)
@@ -195,6 +207,8 @@ def print_fit_report(report: dict[str, Any]) -> None:
     if scheduled is not None and report["pruned_fraction"] < scheduled - 0.5 / report["total_heads"]:
         table.add_row("[bold red]scheduled fraction[/]", f"[bold red]{scheduled:.3f}[/] (heads given back)")
     table.add_row("checkpoint", report["checkpoint"] or "(none)")
+    if report.get("precision"):
+        table.add_row("precision", report["precision"])
     if report.get("best_checkpoint") and report["best_checkpoint"] != report["checkpoint"]:
         table.add_row("best checkpoint", report["best_checkpoint"])
     Console().print(table)
