@@ -33,7 +33,7 @@ def test_frontier_measures_each_recipe_once_and_writes_table_and_plot(tmp_path):
     fits = stamps(recipes, "export/config.json")
     others = ["dense", "head global 4 epochs"]
     untouched = stamps(others, "result.json")
-    timed_recipe = "group global 4 epochs"
+    timed_recipe = "default bf16"
     again = frontier.main(["--quick", "--recipes", "default", timed_recipe, "--time", "--output-dir", str(output)])
     assert list(again["runs"]) == ["dense", "default", timed_recipe, "head global 4 epochs"]
     assert stamps(recipes, "export/config.json") == fits and stamps(others, "result.json") == untouched
@@ -42,3 +42,6 @@ def test_frontier_measures_each_recipe_once_and_writes_table_and_plot(tmp_path):
     timed = again["runs"][timed_recipe]
     assert timed["decode_speedup"] > 0 and timed["speed_context"] == 64
     assert timed_recipe in (output / "frontier.md").read_text()
+    for name in again["runs"]:  # float32 unless the recipe says bf16, whatever the job's own choice on this device
+        saved = (frontier.run_folder(output, name) / "lightning_logs" / "version_0" / "config.yaml").read_text()
+        assert f"precision: {'bf16-mixed' if 'bf16' in name else '32-true'}" in saved, name
