@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sentinel_lightning.cli.precision import BF16, FLOAT32, job_precision, native_bf16
+from sentinel_lightning.cli.precision import BF16, FLOAT32, cpu_name, job_precision, native_bf16
 from sentinel_lightning.pretrained import load_causal_lm
 from sentinel_lightning.tiny import tiny_model
 
@@ -105,15 +105,6 @@ def main(argv: list[str] | None = None) -> dict:
     (output / "precision.md").write_text(markdown(result))
     print(markdown(result))
     return result
-
-
-def cpu_name() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` where there is one, else what ``platform`` says."""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as file:
-        for line in file:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def markdown(result: dict) -> str:

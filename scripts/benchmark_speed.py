@@ -61,6 +61,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from sentinel_lightning.cli.precision import cpu_name
 from sentinel_lightning.compaction import (
     compact,
     count_parameters,
@@ -513,16 +514,6 @@ def trade_off(entries: list[dict], context: int) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Report
-
-
-def cpu_name() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` where there is one, else what ``platform`` says."""
-    try:
-        with open("/proc/cpuinfo") as file:
-            names = [line.split(":", 1)[1].strip() for line in file if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def machine(threads: int, load_before: tuple[float, ...]) -> dict:

@@ -63,7 +63,8 @@ def head_state_bytes(
     Returns:
         ``{state: bytes}``, on the training device unless said otherwise:
 
-        - ``gates``: ``HeadGates``' values, masks, memories and fading ``[L, H]`` and ``compensation`` ``[L, H, D]`` (fp32).
+        - ``gates``: ``HeadGates``' values, masks, memories and fading ``[L, H]`` and ``compensation``
+          ``[L, H, D]`` (fp32).
         - ``gate_gradient_and_optimizer``: the gates' gradient and, when learned, AdamW's two moments ``[L, H]``.
         - ``reconstruction``: ``HeadGates.reconstruction`` ``[L, H, D, H * D]`` fp32 (linear compensation, from the
           trainer's setup; in every checkpoint).

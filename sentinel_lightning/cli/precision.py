@@ -7,6 +7,7 @@ Where bf16 is emulated (older CPUs) it is several times slower than float32, and
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
 import torch
@@ -56,3 +57,14 @@ def job_precision(precision: Any, accelerator: Any) -> tuple[str, str | None]:
             f"or pass --trainer.precision={FLOAT32}."
         )
     return precision, None
+
+
+def cpu_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` where there is one, else what ``platform`` says: which CPU a
+    timing comes from, since whether it computes bf16 decides so much."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            names = [line.split(":", 1)[1].strip() for line in file if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
