@@ -174,6 +174,8 @@ RECIPES = {
                                           " bf16, seed 1"),
     "default bf16, faded, seed 2": Recipe("group", "uniform", "the same, seed 2", (FADED,), (*BF16, *SEED_2),
                                           " bf16, seed 2"),
+    "dense 10 epochs": Recipe("none", "", "fine-tune only", DENSE, TEN_EPOCHS, " 10 epochs"),
+    "default 10 epochs": Recipe("group", "uniform", "the job with 10 epochs", (), TEN_EPOCHS, " 10 epochs"),
     "dense bf16 10 epochs": Recipe("none", "", "fine-tune only", DENSE, (*BF16, *TEN_EPOCHS), " bf16 10 epochs"),
     "default bf16 10 epochs": Recipe("group", "uniform", "the job in bf16 with 10 epochs", (), (*BF16, *TEN_EPOCHS),
                                      " bf16 10 epochs"),
