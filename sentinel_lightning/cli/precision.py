@@ -16,7 +16,8 @@ BF16, FLOAT32 = "bf16-mixed", "32-true"
 
 
 def device_kind(accelerator: Any) -> str:
-    """``"cuda"``, ``"cpu"`` or ``"other"``: where a Trainer with ``accelerator`` (a name or an instance) runs."""
+    """``"cuda"``, ``"cpu"`` or ``"other"``: where a Trainer with ``accelerator`` runs. Matched on its text, so a
+    name, an instance and the not yet instantiated ``class_path`` config the CLI holds all count."""
     name = str(accelerator).lower()
     if name in ("gpu", "cuda") or "cudaaccelerator" in name or (name == "auto" and torch.cuda.is_available()):
         return "cuda"
